@@ -1,0 +1,186 @@
+//! The admin endpoint on loopback: `/metrics` (Prometheus text), `/healthz` (the process
+//! answers), `/readyz` (an identity is held and the sink is not failing), `/status` (JSON).
+//!
+//! It is unauthenticated by design and therefore only ever bound to a loopback address
+//! (enforced at config load). It never shows key material.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::IdentityWatch;
+use crate::loki::client::Sink;
+use crate::metrics::Metrics;
+use crate::pipeline::lock;
+use crate::tail::{FileStatus, Tailer};
+
+/// What the admin endpoint reads from.
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub tailer: Arc<Tailer>,
+    pub sink: Arc<Sink>,
+    pub identity: IdentityWatch,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub ready: bool,
+    pub identity: Option<IdentityStatus>,
+    pub sink: SinkStatus,
+    pub files: Vec<FileStatus>,
+}
+
+#[derive(Serialize)]
+pub struct IdentityStatus {
+    pub spiffe_id: String,
+    pub serial: String,
+    pub not_after_unix: i64,
+    pub expires_in_secs: i64,
+}
+
+#[derive(Serialize)]
+pub struct SinkStatus {
+    pub failing: bool,
+    pub consecutive_failures: u64,
+    pub last_error: Option<String>,
+    pub last_success_unix: i64,
+    pub requests_ok: u64,
+}
+
+impl Admin {
+    /// Binds the listener (so a busy port is a start-up error) and serves until cancelled.
+    pub async fn bind(
+        self,
+        addr: SocketAddr,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {addr} for the admin endpoint (admin.listen): {e}")
+        })?;
+        let local = listener.local_addr()?;
+        let this = Arc::new(self);
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                    _ = cancel.cancelled() => break,
+                };
+                let this = this.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let this = this.clone();
+                        async move { Ok::<_, std::convert::Infallible>(this.handle(&req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(local)
+    }
+
+    fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        match req.uri().path() {
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render(),
+            ),
+            "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => {
+                let (ready, why) = self.readiness();
+                let code = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                reply(code, "text/plain", format!("{why}\n"))
+            }
+            "/status" => {
+                let body = serde_json::to_string_pretty(&self.status()).unwrap_or_default();
+                reply(StatusCode::OK, "application/json", body)
+            }
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /metrics /healthz /readyz /status\n".into(),
+            ),
+        }
+    }
+
+    fn readiness(&self) -> (bool, String) {
+        let id = self.identity.borrow().clone();
+        match id {
+            None => {
+                return (
+                    false,
+                    "not ready: waiting for identity (no valid SVID)".into(),
+                );
+            }
+            Some(id) if id.not_after <= SystemTime::now() => {
+                return (false, format!("not ready: SVID {} expired", id.spiffe_id));
+            }
+            Some(_) => {}
+        }
+        if self.sink.state.is_failing() {
+            let err = lock(&self.sink.state.last_error)
+                .clone()
+                .unwrap_or_default();
+            return (false, format!("not ready: sink failing: {err}"));
+        }
+        (true, "ready".into())
+    }
+
+    pub fn status(&self) -> Status {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let identity = self.identity.borrow().clone().map(|id| {
+            let not_after = id
+                .not_after
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            IdentityStatus {
+                spiffe_id: id.spiffe_id.to_string(),
+                serial: id.serial_hex.clone(),
+                not_after_unix: not_after,
+                expires_in_secs: not_after - now,
+            }
+        });
+        let st = &self.sink.state;
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            ready: self.readiness().0,
+            identity,
+            sink: SinkStatus {
+                failing: st.is_failing(),
+                consecutive_failures: st.consecutive_failures.load(Ordering::Relaxed),
+                last_error: lock(&st.last_error).clone(),
+                last_success_unix: st.last_success_unix.load(Ordering::Relaxed),
+                requests_ok: st.requests_ok.load(Ordering::Relaxed),
+            },
+            files: self.tailer.files().iter().map(|f| f.status()).collect(),
+        }
+    }
+}
+
+fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    if let Ok(v) = content_type.parse() {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}

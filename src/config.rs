@@ -1,0 +1,857 @@
+//! The configuration file: raw serde types, then one validation pass into [`Config`], whose
+//! values cannot hold an invalid state.
+//!
+//! Every error names the file, the key path (`sources[0].labels.job`) and what is expected.
+//! Relative paths in the file are resolved against the directory of the file itself, so a config
+//! means the same thing whatever the working directory. Loading has no side effects: nothing is
+//! created, opened for writing or connected to.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+
+use crate::identity::PeerPolicy;
+use crate::identity::files::FilesConfig;
+use crate::loki::labels::{self, LabelSet};
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line of the offending value, when the parser knows it.
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `sources[0].start_at`; empty for file-level errors.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where lines of a file found at ztail's very first start begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartAt {
+    Beginning,
+    End,
+}
+
+/// The push body encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyFormat {
+    /// Protobuf `PushRequest`, snappy block compressed (what Promtail and Alloy send).
+    Protobuf,
+    /// Loki's JSON body.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub identity: IdentityConfig,
+    pub sink: SinkConfig,
+    pub sources: Vec<SourceConfig>,
+    pub tail: TailConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: std::net::SocketAddr,
+}
+
+#[derive(Debug)]
+pub enum IdentityConfig {
+    /// PEM files written by spiffe-helper, `spire-agent api fetch x509 -write` or `certs-dev/`.
+    Files(FilesConfig),
+}
+
+#[derive(Debug)]
+pub struct SinkConfig {
+    pub url: reqwest::Url,
+    pub tenant: Option<String>,
+    pub body: BodyFormat,
+    pub batch_bytes: usize,
+    pub batch_wait: Duration,
+    pub max_in_flight: usize,
+    pub timeout: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub shutdown_timeout: Duration,
+    pub policy: PeerPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct TailConfig {
+    pub rescan_interval: Duration,
+    pub checkpoint_interval: Duration,
+    pub read_buffer: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    /// Absolute glob patterns.
+    pub include: Vec<String>,
+    pub exclude: GlobSet,
+    pub start_at: StartAt,
+    /// Static labels; `filename` (and `host` unless disabled) are added per file.
+    pub labels: LabelSet,
+    pub max_line_bytes: usize,
+    pub partial_line_timeout: Duration,
+    pub rotate_wait: Duration,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            key: String::new(),
+            reason: format!("cannot read the config file: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` names the file in errors and anchors relative
+    /// paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw = parse_raw(path, text)?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        Validator {
+            file: path,
+            base: &base,
+        }
+        .config(raw)
+    }
+}
+
+fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    let err = |line, key: String, reason: String| ConfigError {
+        file: path.to_owned(),
+        line,
+        key,
+        reason,
+    };
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    };
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| err(line_of(e.span()), String::new(), e.message().to_owned()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let key = if key == "." { String::new() } else { key };
+        err(line_of(inner.span()), key, inner.message().to_owned())
+    })
+}
+
+// ---- raw serde types: exactly the file's shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: PathBuf,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    admin: RawAdmin,
+    identity: RawIdentity,
+    sink: RawSink,
+    #[serde(default)]
+    tail: RawTail,
+    #[serde(default = "default_true")]
+    host_label: bool,
+    sources: Vec<RawSource>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "default_log_format")]
+    format: LogFormat,
+    #[serde(default = "default_log_level")]
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, tag = "source", rename_all = "lowercase")]
+enum RawIdentity {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        bundle: PathBuf,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    url: String,
+    tenant: Option<String>,
+    #[serde(default = "default_body")]
+    body: BodyFormat,
+    #[serde(default = "default_batch_bytes")]
+    batch_bytes: ByteSize,
+    #[serde(default = "default_batch_wait", with = "humantime_serde")]
+    batch_wait: Duration,
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    timeout: Duration,
+    #[serde(default = "default_min_backoff", with = "humantime_serde")]
+    min_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    max_backoff: Duration,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    shutdown_timeout: Duration,
+    peer: Option<RawPeer>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    #[serde(default)]
+    allowed_ids: Vec<String>,
+    #[serde(default)]
+    allowed_trust_domains: Vec<String>,
+    #[serde(default)]
+    allowed_path_prefixes: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTail {
+    #[serde(default = "default_rescan", with = "humantime_serde")]
+    rescan_interval: Duration,
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde")]
+    checkpoint_interval: Duration,
+    #[serde(default = "default_read_buffer")]
+    read_buffer: ByteSize,
+}
+
+impl Default for RawTail {
+    fn default() -> Self {
+        RawTail {
+            rescan_interval: default_rescan(),
+            checkpoint_interval: default_checkpoint_interval(),
+            read_buffer: default_read_buffer(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: String,
+    include: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default = "default_start_at")]
+    start_at: StartAt,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default = "default_max_line")]
+    max_line_bytes: ByteSize,
+    #[serde(default = "default_partial_timeout", with = "humantime_serde")]
+    partial_line_timeout: Duration,
+    #[serde(default = "default_rotate_wait", with = "humantime_serde")]
+    rotate_wait: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Human
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9311".into()
+}
+fn default_body() -> BodyFormat {
+    BodyFormat::Protobuf
+}
+fn default_batch_bytes() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_batch_wait() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_in_flight() -> usize {
+    4
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_min_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_rescan() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_read_buffer() -> ByteSize {
+    ByteSize(256 << 10)
+}
+fn default_start_at() -> StartAt {
+    StartAt::End
+}
+fn default_max_line() -> ByteSize {
+    ByteSize(256 << 10)
+}
+fn default_partial_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_rotate_wait() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A byte size written `"1MiB"`, `"256KiB"`, `"512"` or as a bare integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| {
+            format!("invalid size {s:?}: expected a number and a unit like \"1MiB\"")
+        })?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "invalid size unit {other:?} in {s:?}: use B, KiB, MiB, GiB, KB, MB or GB"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Int(n)) => Ok(ByteSize(n)),
+            Ok(Raw::Str(s)) => s.parse().map_err(serde::de::Error::custom),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a size such as \"1MiB\" or an integer number of bytes",
+            )),
+        }
+    }
+}
+
+// humantime-serde is a one-function crate; this is it, with a message that shows the format.
+mod humantime_serde {
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}): expected a value like \"500ms\", \"5s\" or \"2m\""
+            ))
+        })
+    }
+}
+
+// ---- validation ----
+
+struct Validator<'a> {
+    file: &'a Path,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_owned(),
+            line: None,
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.state_dir.as_os_str().is_empty() {
+            return Err(self.err("state_dir", "must name a directory"));
+        }
+        let admin = AdminConfig {
+            listen: raw.admin.listen.parse().map_err(|_| {
+                self.err(
+                    "admin.listen",
+                    format!(
+                        "invalid address {:?}: expected ip:port such as \"127.0.0.1:9311\"",
+                        raw.admin.listen
+                    ),
+                )
+            })?,
+        };
+        if !admin.listen.ip().is_loopback() {
+            return Err(self.err(
+                "admin.listen",
+                format!(
+                    "{} is not a loopback address: the admin endpoint is unauthenticated, bind it to 127.0.0.1 or ::1",
+                    admin.listen
+                ),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+            return Err(self.err(
+                "log.level",
+                format!(
+                    "invalid level {:?}: expected error, warn, info, debug or trace",
+                    raw.log.level
+                ),
+            ));
+        }
+        let identity = match raw.identity {
+            RawIdentity::Files { cert, key, bundle } => IdentityConfig::Files(FilesConfig {
+                cert: self.path(&cert),
+                key: self.path(&key),
+                bundle: self.path(&bundle),
+            }),
+        };
+        let sink = self.sink(raw.sink)?;
+        let tail = TailConfig {
+            rescan_interval: self.positive("tail.rescan_interval", raw.tail.rescan_interval)?,
+            checkpoint_interval: self
+                .positive("tail.checkpoint_interval", raw.tail.checkpoint_interval)?,
+            read_buffer: self.size_between(
+                "tail.read_buffer",
+                raw.tail.read_buffer,
+                4 << 10,
+                64 << 20,
+            )?,
+        };
+        if raw.sources.is_empty() {
+            return Err(self.err("sources", "at least one [[sources]] table is required"));
+        }
+        let mut names = HashSet::new();
+        let mut sources = Vec::with_capacity(raw.sources.len());
+        for (i, s) in raw.sources.into_iter().enumerate() {
+            let key = format!("sources[{i}]");
+            if !names.insert(s.name.clone()) {
+                return Err(self.err(
+                    format!("{key}.name"),
+                    format!("duplicate source name {:?}", s.name),
+                ));
+            }
+            sources.push(self.source(&key, s, raw.host_label)?);
+        }
+        Ok(Config {
+            file: self.file.to_owned(),
+            state_dir: self.path(&raw.state_dir),
+            log: LogConfig {
+                format: raw.log.format,
+                level: raw.log.level,
+            },
+            admin,
+            identity,
+            sink,
+            sources,
+            tail,
+        })
+    }
+
+    fn sink(&self, raw: RawSink) -> Result<SinkConfig, ConfigError> {
+        let url = reqwest::Url::parse(&raw.url)
+            .map_err(|e| self.err("sink.url", format!("invalid URL {:?}: {e}", raw.url)))?;
+        if url.scheme() != "https" {
+            return Err(self.err(
+                "sink.url",
+                format!(
+                    "{:?} is not https: ztail only ships over mutual TLS, use https://host:port/loki/api/v1/push",
+                    raw.url
+                ),
+            ));
+        }
+        if url.host().is_none() {
+            return Err(self.err("sink.url", format!("{:?} has no host", raw.url)));
+        }
+        if let Some(t) = &raw.tenant
+            && (t.is_empty() || t.len() > 150 || t.contains(['|', '\n', '\r']))
+        {
+            return Err(self.err(
+                "sink.tenant",
+                format!("invalid tenant {t:?}: 1 to 150 characters, no '|' or line breaks"),
+            ));
+        }
+        let peer = raw.peer.ok_or_else(|| {
+            self.err(
+                "sink.peer",
+                "missing: set allowed_ids, allowed_trust_domains or allowed_path_prefixes \
+                 (ztail never trusts a peer by address; the default is deny)",
+            )
+        })?;
+        let policy = PeerPolicy::new(
+            peer.allowed_ids,
+            peer.allowed_trust_domains,
+            peer.allowed_path_prefixes,
+        )
+        .map_err(|reason| self.err("sink.peer", reason))?;
+        if raw.max_in_flight == 0 || raw.max_in_flight > 64 {
+            return Err(self.err("sink.max_in_flight", "must be between 1 and 64"));
+        }
+        if raw.min_backoff.is_zero() || raw.min_backoff > raw.max_backoff {
+            return Err(self.err(
+                "sink.min_backoff",
+                "must be above zero and not above sink.max_backoff",
+            ));
+        }
+        Ok(SinkConfig {
+            url,
+            tenant: raw.tenant,
+            body: raw.body,
+            batch_bytes: self.size_between(
+                "sink.batch_bytes",
+                raw.batch_bytes,
+                1 << 10,
+                64 << 20,
+            )?,
+            batch_wait: self.positive("sink.batch_wait", raw.batch_wait)?,
+            max_in_flight: raw.max_in_flight,
+            timeout: self.positive("sink.timeout", raw.timeout)?,
+            min_backoff: raw.min_backoff,
+            max_backoff: raw.max_backoff,
+            shutdown_timeout: raw.shutdown_timeout,
+            policy,
+        })
+    }
+
+    fn source(
+        &self,
+        key: &str,
+        s: RawSource,
+        host_label: bool,
+    ) -> Result<SourceConfig, ConfigError> {
+        if s.name.is_empty() {
+            return Err(self.err(format!("{key}.name"), "must not be empty"));
+        }
+        if s.include.is_empty() {
+            return Err(self.err(format!("{key}.include"), "needs at least one glob pattern"));
+        }
+        let mut include = Vec::with_capacity(s.include.len());
+        for (j, pattern) in s.include.iter().enumerate() {
+            let abs = self.path(Path::new(pattern));
+            let abs = abs.to_str().ok_or_else(|| {
+                self.err(format!("{key}.include[{j}]"), "pattern is not valid UTF-8")
+            })?;
+            glob::Pattern::new(abs).map_err(|e| {
+                self.err(
+                    format!("{key}.include[{j}]"),
+                    format!("invalid glob {pattern:?}: {e}"),
+                )
+            })?;
+            include.push(abs.to_owned());
+        }
+        let mut exclude = GlobSetBuilder::new();
+        for (j, pattern) in s.exclude.iter().enumerate() {
+            let abs = self.path(Path::new(pattern));
+            let glob = Glob::new(&abs.to_string_lossy()).map_err(|e| {
+                self.err(
+                    format!("{key}.exclude[{j}]"),
+                    format!("invalid glob {pattern:?}: {e}"),
+                )
+            })?;
+            exclude.add(glob);
+        }
+        let exclude = exclude
+            .build()
+            .map_err(|e| self.err(format!("{key}.exclude"), e.to_string()))?;
+
+        let mut reserved = vec![labels::FILENAME];
+        if host_label {
+            reserved.push(labels::HOST);
+        }
+        let mut set = BTreeMap::new();
+        for (name, value) in s.labels {
+            let k = format!("{key}.labels.{name}");
+            labels::validate_name(&name).map_err(|r| self.err(&k, r))?;
+            if reserved.contains(&name.as_str()) {
+                return Err(self.err(&k, format!("{name:?} is set by ztail for every file")));
+            }
+            labels::validate_value(&value).map_err(|r| self.err(&k, r))?;
+            set.insert(name, value);
+        }
+        if host_label {
+            set.insert(labels::HOST.to_owned(), hostname());
+        }
+        if set.len() + 1 > labels::MAX_LABELS {
+            return Err(self.err(
+                format!("{key}.labels"),
+                format!(
+                    "{} labels plus filename exceed Loki's default limit of {} label names per stream",
+                    set.len(),
+                    labels::MAX_LABELS
+                ),
+            ));
+        }
+        let max_line_bytes = self.size_between(
+            &format!("{key}.max_line_bytes"),
+            s.max_line_bytes,
+            64,
+            64 << 20,
+        )?;
+        Ok(SourceConfig {
+            name: s.name,
+            include,
+            exclude,
+            start_at: s.start_at,
+            labels: LabelSet::new(set),
+            max_line_bytes,
+            partial_line_timeout: self.positive(
+                &format!("{key}.partial_line_timeout"),
+                s.partial_line_timeout,
+            )?,
+            rotate_wait: s.rotate_wait,
+        })
+    }
+
+    fn positive(&self, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+        if d.is_zero() {
+            return Err(self.err(key, "must be above zero"));
+        }
+        Ok(d)
+    }
+
+    fn size_between(
+        &self,
+        key: &str,
+        v: ByteSize,
+        min: u64,
+        max: u64,
+    ) -> Result<usize, ConfigError> {
+        if v.0 < min || v.0 > max {
+            return Err(self.err(
+                key,
+                format!("must be between {min} and {max} bytes, got {}", v.0),
+            ));
+        }
+        Ok(v.0 as usize)
+    }
+}
+
+/// The node's host name, for the `host` label.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state_dir = "state"
+[identity]
+source = "files"
+cert = "certs/ztail.crt"
+key = "certs/ztail.key"
+bundle = "certs/ca.crt"
+[sink]
+url = "https://127.0.0.1:3100/loki/api/v1/push"
+[sink.peer]
+allowed_ids = ["spiffe://example.org/loki"]
+[[sources]]
+name = "app"
+include = ["logs/*.log"]
+labels = { job = "app" }
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/ztail/ztail.toml"), text)
+    }
+
+    #[test]
+    fn good_config_resolves_relative_paths_against_its_directory() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/ztail/state"));
+        assert_eq!(
+            c.sources[0].include,
+            vec!["/etc/ztail/logs/*.log".to_owned()]
+        );
+        assert_eq!(c.sink.batch_bytes, 1 << 20);
+        assert_eq!(c.sink.batch_wait, Duration::from_secs(1));
+        assert_eq!(c.sources[0].max_line_bytes, 256 << 10);
+        assert_eq!(c.sources[0].start_at, StartAt::End);
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text)
+            .expect_err("config must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_reason() {
+        let cases = [
+            (
+                GOOD.replace("name = \"app\"", "name = \"app\"\nbogus = 1"),
+                "sources[0].bogus",
+                "unknown field `bogus`",
+            ),
+            (GOOD.replace("https://", "http://"), "sink.url", "not https"),
+            (
+                GOOD.replace(
+                    "[sink.peer]\nallowed_ids = [\"spiffe://example.org/loki\"]\n",
+                    "",
+                ),
+                "sink.peer",
+                "never trusts a peer by address",
+            ),
+            (
+                GOOD.replace("job = \"app\"", "\"1job\" = \"app\""),
+                "sources[0].labels.1job",
+                "invalid label name",
+            ),
+            (
+                GOOD.replace("[sink]\n", "[sink]\nbatch_wait = \"soon\"\n"),
+                "sink.batch_wait",
+                "invalid duration",
+            ),
+            (
+                GOOD.replace("[sink]\n", "[sink]\nbatch_bytes = \"1 parsec\"\n"),
+                "sink.batch_bytes",
+                "invalid size unit",
+            ),
+            (
+                GOOD.replace("logs/*.log", "logs/[.log"),
+                "sources[0].include[0]",
+                "invalid glob",
+            ),
+            (
+                GOOD.replace("spiffe://example.org/loki", "spiffe://Example.org/"),
+                "sink.peer",
+                "spiffe://Example.org/",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let msg = error_of(&text);
+            assert!(msg.starts_with("/etc/ztail/ztail.toml"), "{msg}");
+            assert!(
+                msg.contains(&format!(": {key}: ")),
+                "expected key {key} in: {msg}"
+            );
+            assert!(msg.contains(reason), "expected {reason:?} in: {msg}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_carry_a_line_number() {
+        let msg = error_of("state_dir = \"x\"\n[sink\n");
+        assert!(msg.starts_with("/etc/ztail/ztail.toml:2: "), "{msg}");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
+        assert_eq!("256KiB".parse::<ByteSize>().unwrap().0, 256 << 10);
+        assert_eq!("10MB".parse::<ByteSize>().unwrap().0, 10_000_000);
+        assert_eq!("512".parse::<ByteSize>().unwrap().0, 512);
+        assert!("MiB".parse::<ByteSize>().is_err());
+        assert!("5 parsecs".parse::<ByteSize>().is_err());
+    }
+}

@@ -1,0 +1,445 @@
+//! Sends batches to Loki and acts on the answer (design §4):
+//! 2xx ⇒ acknowledge; 429, 5xx, other 4xx and transport or TLS errors ⇒ retry the same bytes with
+//! jittered exponential backoff, honouring `Retry-After`, for as long as it takes (the data is on
+//! disk); 400 ⇒ Loki stored the valid part: log its reason, count the drops, acknowledge;
+//! 413 ⇒ split and resend.
+//!
+//! The HTTP client is rebuilt whenever the identity changes, so no pooled connection outlives
+//! the SVID (or trust bundle) it was established with.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::encode;
+use crate::config::{BodyFormat, SinkConfig};
+use crate::identity::{Identity, IdentityWatch};
+use crate::metrics::Metrics;
+use crate::pipeline::ack::AckTracker;
+use crate::pipeline::{Batch, lock};
+
+const USER_AGENT: &str = concat!("ztail/", env!("CARGO_PKG_VERSION"));
+
+/// Settings the sink needs from [`SinkConfig`].
+#[derive(Debug, Clone)]
+pub struct SinkSettings {
+    pub url: reqwest::Url,
+    pub tenant: Option<String>,
+    pub body: BodyFormat,
+    pub timeout: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl From<&SinkConfig> for SinkSettings {
+    fn from(c: &SinkConfig) -> Self {
+        SinkSettings {
+            url: c.url.clone(),
+            tenant: c.tenant.clone(),
+            body: c.body,
+            timeout: c.timeout,
+            min_backoff: c.min_backoff,
+            max_backoff: c.max_backoff,
+        }
+    }
+}
+
+/// What the sink reports to `/readyz` and `/status`.
+#[derive(Debug, Default)]
+pub struct SinkState {
+    pub consecutive_failures: AtomicU64,
+    pub last_success_unix: AtomicI64,
+    pub last_error: Mutex<Option<String>>,
+    pub requests_ok: AtomicU64,
+}
+
+impl SinkState {
+    fn succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.last_success_unix.store(unix_now(), Ordering::Relaxed);
+        self.requests_ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failed(&self, error: String) {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_error) = Some(error);
+    }
+
+    /// True when the last push attempt failed.
+    pub fn is_failing(&self) -> bool {
+        self.consecutive_failures.load(Ordering::Relaxed) > 0
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The Loki push client.
+pub struct Sink {
+    settings: SinkSettings,
+    identity: IdentityWatch,
+    metrics: Arc<Metrics>,
+    tracker: Arc<AckTracker>,
+    pub state: SinkState,
+    client: Mutex<Option<(Arc<Identity>, reqwest::Client)>>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+enum Outcome {
+    Stored,
+    /// 400: Loki kept the valid part and refused the rest for good.
+    Refused {
+        reason: &'static str,
+        entries: u64,
+    },
+    TooLarge,
+    Stopped,
+}
+
+impl Sink {
+    pub fn new(
+        settings: SinkSettings,
+        identity: IdentityWatch,
+        metrics: Arc<Metrics>,
+        tracker: Arc<AckTracker>,
+    ) -> Self {
+        Sink {
+            settings,
+            identity,
+            metrics,
+            tracker,
+            state: SinkState::default(),
+            client: Mutex::new(None),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Delivers a batch in the background; the permit is held until it is delivered (or the
+    /// sink is stopped), which bounds the number of batches in flight.
+    pub fn spawn_send(self: Arc<Self>, seq: u64, batch: Batch, permit: OwnedSemaphorePermit) {
+        let tasks = self.tasks.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            self.metrics.in_flight_requests.inc();
+            if self.deliver(batch).await {
+                self.tracker.ack(seq);
+            }
+            self.metrics.in_flight_requests.dec();
+        });
+    }
+
+    /// Waits for every delivery to finish.
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Abandons deliveries still retrying (at the end of the shutdown timeout). Their positions
+    /// stay unacknowledged, so the lines are read again after a restart.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    async fn deliver(&self, batch: Batch) -> bool {
+        let mut parts = vec![batch];
+        while let Some(part) = parts.pop() {
+            let body = match self.settings.body {
+                BodyFormat::Protobuf => encode::protobuf(&part),
+                BodyFormat::Json => encode::json(&part),
+            };
+            let body_len = body.len() as u64;
+            match self.push(bytes::Bytes::from(body)).await {
+                Outcome::Stored => {
+                    self.metrics.entries_sent.inc_by(part.entries as u64);
+                    self.metrics.bytes_sent.inc_by(body_len);
+                }
+                Outcome::Refused { reason, entries } => {
+                    let refused = entries.min(part.entries as u64);
+                    self.metrics.dropped(reason, refused);
+                    self.metrics
+                        .entries_sent
+                        .inc_by(part.entries as u64 - refused);
+                }
+                Outcome::TooLarge => match part.split() {
+                    Ok((first, second)) => {
+                        tracing::info!(
+                            entries = first.entries + second.entries,
+                            "Loki answered 413 (request too large): splitting the batch"
+                        );
+                        parts.push(second);
+                        parts.push(first);
+                    }
+                    Err(single) => {
+                        tracing::error!(
+                            bytes = single.line_bytes,
+                            "Loki refuses even a single-entry request as too large (413): dropping the entry; raise Loki's distributor.max-recv-msg-size or lower max_line_bytes"
+                        );
+                        self.metrics.dropped("request_too_large", 1);
+                    }
+                },
+                Outcome::Stopped => return false,
+            }
+        }
+        true
+    }
+
+    /// Sends one body until Loki gives a final answer or the sink is stopped.
+    async fn push(&self, body: bytes::Bytes) -> Outcome {
+        let mut identity = self.identity.clone();
+        let mut attempt: u32 = 0;
+        loop {
+            let current = identity.borrow_and_update().clone();
+            let Some(id) = current else {
+                lock(&self.state.last_error)
+                    .replace("waiting for identity: no valid SVID".to_owned());
+                tokio::select! {
+                    _ = identity.changed() => continue,
+                    _ = self.stop.cancelled() => return Outcome::Stopped,
+                }
+            };
+            let mut retry_after = None;
+            match self.client_for(&id) {
+                Err(e) => {
+                    self.state
+                        .failed(format!("cannot build the HTTP client: {e:#}"));
+                    self.metrics.push_finished("client_error");
+                }
+                Ok(client) => {
+                    let mut req = client
+                        .post(self.settings.url.clone())
+                        .header(
+                            CONTENT_TYPE,
+                            match self.settings.body {
+                                BodyFormat::Protobuf => encode::PROTOBUF_CONTENT_TYPE,
+                                BodyFormat::Json => encode::JSON_CONTENT_TYPE,
+                            },
+                        )
+                        .body(body.clone());
+                    if let Some(t) = &self.settings.tenant {
+                        req = req.header("X-Scope-OrgID", t);
+                    }
+                    let result = tokio::select! {
+                        r = req.send() => r,
+                        _ = self.stop.cancelled() => return Outcome::Stopped,
+                    };
+                    match result {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            self.metrics.push_finished(status.as_str());
+                            if status.is_success() {
+                                self.state.succeeded();
+                                return Outcome::Stored;
+                            }
+                            retry_after = resp
+                                .headers()
+                                .get(RETRY_AFTER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.trim().parse::<u64>().ok())
+                                .map(Duration::from_secs);
+                            let text = resp.text().await.unwrap_or_default();
+                            match status {
+                                StatusCode::BAD_REQUEST => {
+                                    self.state.succeeded();
+                                    let (reason, entries) = refusal_of(&text);
+                                    tracing::warn!(
+                                        reason,
+                                        entries,
+                                        loki_says = %first_line(&text),
+                                        "Loki refused part of a push (400); it stored the rest, the refused entries are dropped"
+                                    );
+                                    return Outcome::Refused { reason, entries };
+                                }
+                                StatusCode::PAYLOAD_TOO_LARGE => return Outcome::TooLarge,
+                                _ => {
+                                    let msg =
+                                        format!("Loki answered {status}: {}", first_line(&text));
+                                    tracing::warn!(attempt, "{msg}; retrying");
+                                    self.state.failed(msg);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let kind = error_kind(&e);
+                            self.metrics.push_finished(kind);
+                            let msg = format!(
+                                "push to {} failed ({kind}): {}",
+                                self.settings.url,
+                                chain(&e)
+                            );
+                            tracing::warn!(attempt, "{msg}; retrying");
+                            self.state.failed(msg);
+                            if kind == "peer_refused" {
+                                // A refused peer is an alarm, not a reason to keep a pool.
+                                lock(&self.client).take();
+                            }
+                        }
+                    }
+                }
+            }
+            attempt = attempt.saturating_add(1);
+            self.metrics.push_retries.inc();
+            let mut delay = backoff(
+                self.settings.min_backoff,
+                self.settings.max_backoff,
+                attempt,
+            );
+            if let Some(ra) = retry_after {
+                delay = delay.max(ra.min(self.settings.max_backoff));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.cancelled() => return Outcome::Stopped,
+            }
+        }
+    }
+
+    /// The HTTP client for this identity, built once per identity so that pooled connections
+    /// never outlive the material they were established with.
+    fn client_for(&self, id: &Arc<Identity>) -> Result<reqwest::Client, reqwest::Error> {
+        let mut slot = lock(&self.client);
+        if let Some((cur, client)) = slot.as_ref()
+            && Arc::ptr_eq(cur, id)
+        {
+            return Ok(client.clone());
+        }
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured((*id.client_config).clone())
+            .https_only(true)
+            .timeout(self.settings.timeout)
+            .connect_timeout(self.settings.timeout)
+            .user_agent(USER_AGENT)
+            .build()?;
+        *slot = Some((id.clone(), client.clone()));
+        Ok(client)
+    }
+}
+
+/// Jittered exponential backoff: a delay in [min·2ⁿ⁻¹, min·2ⁿ), capped at max.
+pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let base = min.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let jittered = base + base.mul_f64(fastrand::f64());
+    jittered.min(max)
+}
+
+/// Loki's reason for a 400 and how many entries it refused. Loki lists one error per line and
+/// may end with "total ignored: N out of M".
+fn refusal_of(body: &str) -> (&'static str, u64) {
+    const REASONS: [(&str, &str); 10] = [
+        ("line_too_long", "line_too_long"),
+        ("max entry size", "line_too_long"),
+        ("too far behind", "too_far_behind"),
+        ("out of order", "too_far_behind"),
+        ("too old", "greater_than_max_sample_age"),
+        ("greater_than_max_sample_age", "greater_than_max_sample_age"),
+        ("too new", "too_far_in_future"),
+        ("too_far_in_future", "too_far_in_future"),
+        ("label", "invalid_labels"),
+        ("structured metadata", "structured_metadata"),
+    ];
+    let lower = body.to_ascii_lowercase();
+    let reason = REASONS
+        .iter()
+        .find(|(needle, _)| lower.contains(needle))
+        .map(|(_, r)| *r)
+        .unwrap_or("bad_request");
+    let ignored = lower
+        .split("total ignored:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok());
+    let entries = ignored
+        .unwrap_or_else(|| body.lines().filter(|l| !l.trim().is_empty()).count().max(1) as u64);
+    (reason, entries)
+}
+
+fn first_line(text: &str) -> &str {
+    let line = text.lines().next().unwrap_or("").trim();
+    match line.char_indices().nth(300) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    }
+}
+
+/// A metric label for a transport error.
+fn error_kind(e: &reqwest::Error) -> &'static str {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = src {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return match tls {
+                rustls::Error::InvalidCertificate(_) => "peer_refused",
+                _ => "tls",
+            };
+        }
+        src = match err.downcast_ref::<std::io::Error>() {
+            // io::Error::source skips the wrapped error itself; look inside.
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    }
+}
+
+/// The error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        src = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let min = Duration::from_millis(500);
+        let max = Duration::from_secs(300);
+        for attempt in 1..30 {
+            let d = backoff(min, max, attempt);
+            let base = min.saturating_mul(1 << (attempt - 1).min(20));
+            assert!(
+                d >= base.min(max) && d <= (base * 2).min(max),
+                "{attempt}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn loki_400_bodies_are_classified() {
+        let body = "entry for stream '{job=\"a\"}' has timestamp too old: 2020-01-01\nuser 'fake', total ignored: 3 out of 10";
+        assert_eq!(refusal_of(body), ("greater_than_max_sample_age", 3));
+        assert_eq!(
+            refusal_of("max entry size '256' bytes exceeded"),
+            ("line_too_long", 1)
+        );
+        assert_eq!(refusal_of("weird"), ("bad_request", 1));
+    }
+}

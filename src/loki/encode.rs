@@ -1,0 +1,174 @@
+//! Push request bodies, built straight from a [`Batch`] without intermediate per-line objects.
+//!
+//! Protobuf is written by hand (the schema is four small messages, see
+//! `reference/loki-push-api.md` §3) and compressed with snappy's *block* format, which is what
+//! Loki's distributor decodes. Lines are declared as bytes on the wire-compatible side; the
+//! tailer guarantees they are valid UTF-8 anyway. Streams without entries are never written
+//! (Loki answers 422 to them).
+
+use crate::pipeline::Batch;
+
+/// Content type of [`protobuf`] bodies.
+pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
+/// Content type of [`json`] bodies.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// Snappy-compressed protobuf `PushRequest`.
+pub fn protobuf(batch: &Batch) -> Vec<u8> {
+    let raw = protobuf_uncompressed(batch);
+    // Compression only fails for inputs above snappy's 4 GiB block limit; batches are capped
+    // at 64 MiB by the config.
+    snap::raw::Encoder::new()
+        .compress_vec(&raw)
+        .unwrap_or_default()
+}
+
+/// The uncompressed protobuf `PushRequest`.
+pub fn protobuf_uncompressed(batch: &Batch) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.line_bytes + batch.entries * 16 + 256);
+    for s in batch.streams.iter().filter(|s| s.entries() > 0) {
+        let labels = s.stream.labels.as_bytes();
+        let mut stream_len = field_len(labels.len());
+        for c in &s.chunks {
+            for i in 0..c.lines.len() {
+                stream_len += field_len(entry_len(c.ts_first + i as i64, c.line(i).len()));
+            }
+        }
+        put_tag(&mut out, 1, LEN);
+        put_varint(&mut out, stream_len as u64);
+        put_bytes(&mut out, 1, labels);
+        for c in &s.chunks {
+            for i in 0..c.lines.len() {
+                let ts = c.ts_first + i as i64;
+                let line = c.line(i);
+                put_tag(&mut out, 2, LEN);
+                put_varint(&mut out, entry_len(ts, line.len()) as u64);
+                let (secs, nanos) = split_ts(ts);
+                put_tag(&mut out, 1, LEN);
+                put_varint(&mut out, timestamp_len(secs, nanos) as u64);
+                if secs != 0 {
+                    put_tag(&mut out, 1, VARINT);
+                    put_varint(&mut out, secs as u64);
+                }
+                if nanos != 0 {
+                    put_tag(&mut out, 2, VARINT);
+                    put_varint(&mut out, nanos as u64);
+                }
+                put_bytes(&mut out, 2, line);
+            }
+        }
+    }
+    out
+}
+
+/// Loki's JSON body: `{"streams":[{"stream":{..},"values":[["<ns>","<line>"],..]}]}`.
+pub fn json(batch: &Batch) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.line_bytes + batch.entries * 32 + 256);
+    out.extend_from_slice(b"{\"streams\":[");
+    let mut first_stream = true;
+    for s in batch.streams.iter().filter(|s| s.entries() > 0) {
+        if !first_stream {
+            out.push(b',');
+        }
+        first_stream = false;
+        out.extend_from_slice(b"{\"stream\":{");
+        for (i, (k, v)) in s.stream.label_pairs.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_string(&mut out, k);
+            out.push(b':');
+            json_string(&mut out, v);
+        }
+        out.extend_from_slice(b"},\"values\":[");
+        let mut first = true;
+        for c in &s.chunks {
+            for i in 0..c.lines.len() {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.extend_from_slice(b"[\"");
+                out.extend_from_slice((c.ts_first + i as i64).to_string().as_bytes());
+                out.extend_from_slice(b"\",");
+                json_string(&mut out, &String::from_utf8_lossy(c.line(i)));
+                out.push(b']');
+            }
+        }
+        out.extend_from_slice(b"]}");
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Serializing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+const VARINT: u8 = 0;
+const LEN: u8 = 2;
+
+fn split_ts(ts: i64) -> (i64, i32) {
+    (
+        ts.div_euclid(1_000_000_000),
+        ts.rem_euclid(1_000_000_000) as i32,
+    )
+}
+
+fn timestamp_len(secs: i64, nanos: i32) -> usize {
+    let mut n = 0;
+    if secs != 0 {
+        n += 1 + varint_len(secs as u64);
+    }
+    if nanos != 0 {
+        n += 1 + varint_len(nanos as u64);
+    }
+    n
+}
+
+fn entry_len(ts: i64, line_len: usize) -> usize {
+    let (secs, nanos) = split_ts(ts);
+    field_len(timestamp_len(secs, nanos)) + field_len(line_len)
+}
+
+/// Size of a length-delimited field with a one-byte tag.
+fn field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+fn varint_len(v: u64) -> usize {
+    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+}
+
+fn put_tag(out: &mut Vec<u8>, field: u8, wire: u8) {
+    out.push((field << 3) | wire);
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, field: u8, b: &[u8]) {
+    put_tag(out, field, LEN);
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varint_lengths_match_the_encoding() {
+        for v in [0u64, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(b.len(), varint_len(v), "{v}");
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The `ztail` command: parses arguments, sets up logging and signals, and maps errors to exit
+//! codes (0 ok, 1 runtime error, 2 configuration error). Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use ztail::config::{Config, IdentityConfig, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "ztail",
+    about = "Zero-trust log shipping: files to Loki over SPIFFE mutual TLS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tail the configured files and ship them until SIGTERM or SIGINT.
+    Run {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a configuration (and the identity files it names) without side effects.
+    Check {
+        #[arg(short, long, value_name = "FILE", required_unless_present = "file")]
+        config: Option<PathBuf>,
+        #[arg(value_name = "FILE", conflicts_with = "config")]
+        file: Option<PathBuf>,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("ztail {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config, file } => {
+            let path = config.or(file).unwrap_or_default();
+            check(&path)
+        }
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("ztail: config error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match &config.identity {
+        IdentityConfig::Files(files) => {
+            let missing: Vec<_> = [&files.cert, &files.key, &files.bundle]
+                .into_iter()
+                .filter(|p| !p.exists())
+                .collect();
+            if missing.is_empty() {
+                let metrics = Arc::new(ztail::metrics::Metrics::new());
+                if let Err(e) = ztail::identity::files::load(files, &config.sink.policy, &metrics) {
+                    eprintln!("ztail: config error: {}: identity: {e:#}", path.display());
+                    return ExitCode::from(2);
+                }
+            } else {
+                for p in missing {
+                    eprintln!(
+                        "ztail: warning: identity file {} does not exist yet; `ztail run` will wait for it (not ready until then)",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
+    println!(
+        "{}: ok ({} source(s), Loki at {})",
+        path.display(),
+        config.sources.len(),
+        config.sink.url
+    );
+    ExitCode::SUCCESS
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(config.log.format, &config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ztail: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        ztail::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ztail: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}

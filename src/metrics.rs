@@ -1,0 +1,200 @@
+//! Every metric ztail exports, defined in one place, and their Prometheus text rendering.
+//!
+//! Components get an `Arc<Metrics>` and call the narrow recording methods below; nothing else
+//! touches the registry. Metric names are part of the operator contract: change them only with a
+//! note in the README.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: String,
+}
+
+/// All of ztail's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub lines_read: Counter,
+    pub bytes_read: Counter,
+    pub lines_truncated: Counter,
+    pub file_truncations: Counter,
+    pub entries_sent: Counter,
+    pub bytes_sent: Counter,
+    pub push_requests: Family<StatusLabel, Counter>,
+    pub push_retries: Counter,
+    pub dropped_entries: Family<ReasonLabel, Counter>,
+    pub checkpoint_lag_bytes: Family<PathLabel, Gauge>,
+    pub files_open: Gauge,
+    pub deleted_files_open: Gauge,
+    pub peer_refusals: Family<ReasonLabel, Counter>,
+    pub identity_not_after: Gauge,
+    pub identity_reloads: Counter,
+    pub identity_reload_errors: Counter,
+    pub checkpoint_write_errors: Counter,
+    pub in_flight_requests: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ztail");
+        let m = Metrics {
+            lines_read: Counter::default(),
+            bytes_read: Counter::default(),
+            lines_truncated: Counter::default(),
+            file_truncations: Counter::default(),
+            entries_sent: Counter::default(),
+            bytes_sent: Counter::default(),
+            push_requests: Family::default(),
+            push_retries: Counter::default(),
+            dropped_entries: Family::default(),
+            checkpoint_lag_bytes: Family::default(),
+            files_open: Gauge::default(),
+            deleted_files_open: Gauge::default(),
+            peer_refusals: Family::default(),
+            identity_not_after: Gauge::default(),
+            identity_reloads: Counter::default(),
+            identity_reload_errors: Counter::default(),
+            checkpoint_write_errors: Counter::default(),
+            in_flight_requests: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("lines_read", "Lines read from files", m.lines_read.clone());
+        registry.register("bytes_read", "Bytes read from files", m.bytes_read.clone());
+        registry.register(
+            "lines_truncated",
+            "Lines longer than max_line_bytes, truncated",
+            m.lines_truncated.clone(),
+        );
+        registry.register(
+            "file_truncations",
+            "Files found truncated (copytruncate) and re-read from offset 0",
+            m.file_truncations.clone(),
+        );
+        registry.register(
+            "entries_sent",
+            "Entries acknowledged by Loki",
+            m.entries_sent.clone(),
+        );
+        registry.register(
+            "bytes_sent",
+            "Request body bytes acknowledged by Loki",
+            m.bytes_sent.clone(),
+        );
+        registry.register(
+            "push_requests",
+            "Push requests by HTTP status or transport error kind",
+            m.push_requests.clone(),
+        );
+        registry.register(
+            "push_retries",
+            "Push requests retried",
+            m.push_retries.clone(),
+        );
+        registry.register(
+            "dropped_entries",
+            "Entries Loki refused for good (400) or that could never be sent, by reason",
+            m.dropped_entries.clone(),
+        );
+        registry.register(
+            "checkpoint_lag_bytes",
+            "Bytes of a file not yet acknowledged by Loki",
+            m.checkpoint_lag_bytes.clone(),
+        );
+        registry.register(
+            "files_open",
+            "Files held open for reading",
+            m.files_open.clone(),
+        );
+        registry.register(
+            "deleted_files_open",
+            "Deleted files still held open to drain them",
+            m.deleted_files_open.clone(),
+        );
+        registry.register(
+            "peer_refusals",
+            "TLS peers refused during the handshake, by reason",
+            m.peer_refusals.clone(),
+        );
+        registry.register(
+            "identity_not_after_seconds",
+            "Unix time at which the current SVID expires",
+            m.identity_not_after.clone(),
+        );
+        registry.register(
+            "identity_reloads",
+            "Identity material loaded and published",
+            m.identity_reloads.clone(),
+        );
+        registry.register(
+            "identity_reload_errors",
+            "Identity updates rejected (the previous material was kept)",
+            m.identity_reload_errors.clone(),
+        );
+        registry.register(
+            "checkpoint_write_errors",
+            "Failed checkpoint writes",
+            m.checkpoint_write_errors.clone(),
+        );
+        registry.register(
+            "in_flight_requests",
+            "Push requests currently in flight",
+            m.in_flight_requests.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// A TLS peer failed verification or the SPIFFE ID policy.
+    pub fn peer_refused(&self, reason: &str) {
+        self.peer_refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Entries that will never reach Loki, by reason.
+    pub fn dropped(&self, reason: &str, entries: u64) {
+        self.dropped_entries
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc_by(entries);
+    }
+
+    /// A push request finished with this status (`"204"`, `"429"`, `"transport"` ...).
+    pub fn push_finished(&self, status: &str) {
+        self.push_requests
+            .get_or_create(&StatusLabel {
+                status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

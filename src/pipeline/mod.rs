@@ -1,0 +1,249 @@
+//! What flows from the tailers to the Loki sink, and the acknowledgements that flow back.
+//!
+//! A tailer hands the pipeline [`Chunk`]s: the bytes it read from one file, the line ranges in
+//! them and the file [`Position`] just after them. Chunks are never copied between stages: the
+//! batcher groups them into a [`Batch`] per label set, the sink encodes the batch once, and on a
+//! 2xx the [`ack::AckTracker`] advances each file's committed position, which is the only
+//! position the checkpointer ever persists.
+
+pub mod ack;
+pub mod batcher;
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// A place in a file: the byte offset after the last consumed byte, and a hash of the bytes just
+/// before it so that a resume can tell whether the file is still the one that was read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    pub offset: u64,
+    /// Number of bytes before `offset` covered by `tail_hash` (at most [`TAIL_LEN`]).
+    pub tail_len: u32,
+    pub tail_hash: u64,
+}
+
+/// How many bytes before a position its hash covers.
+pub const TAIL_LEN: usize = 64;
+
+/// Acknowledgement state of one source file: positions handed to the sink and not yet
+/// acknowledged, and the committed position (everything before it is in Loki).
+#[derive(Debug, Default)]
+pub struct Cursor {
+    pending: Mutex<VecDeque<(u64, Position)>>,
+    committed: Mutex<Position>,
+}
+
+impl Cursor {
+    /// A cursor whose committed position is where reading starts.
+    pub fn new(start: Position) -> Self {
+        Cursor {
+            pending: Mutex::default(),
+            committed: Mutex::new(start),
+        }
+    }
+
+    pub fn committed(&self) -> Position {
+        *lock(&self.committed)
+    }
+
+    /// True when every position handed to the sink has been acknowledged.
+    pub fn is_settled(&self) -> bool {
+        lock(&self.pending).is_empty()
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section in ztail leaves its data
+/// consistent at each step, and the release profile aborts on panic anyway.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One Loki stream: its rendered label string and a clock that hands out strictly increasing
+/// timestamps, so the entries of a stream keep their read order in Loki even when two files (a
+/// rotated one and its successor) feed the same stream.
+#[derive(Debug)]
+pub struct Stream {
+    pub labels: String,
+    pub label_pairs: Vec<(String, String)>,
+    clock: AtomicI64,
+}
+
+impl Stream {
+    pub fn new(labels: &crate::loki::labels::LabelSet) -> Self {
+        Stream {
+            labels: labels.render(),
+            label_pairs: labels
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            clock: AtomicI64::new(0),
+        }
+    }
+
+    /// Reserves `n` consecutive nanosecond timestamps at or after now; returns the first.
+    pub fn reserve_timestamps(&self, n: usize) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let n = n.max(1) as i64;
+        let mut last = self.clock.load(Ordering::Relaxed);
+        loop {
+            let first = now.max(last + 1);
+            match self.clock.compare_exchange_weak(
+                last,
+                first + n - 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return first,
+                Err(actual) => last = actual,
+            }
+        }
+    }
+}
+
+/// Bytes read from one file and the lines in them. Lines are valid UTF-8 without their line
+/// terminator; line `i` has timestamp `ts_first + i`.
+#[derive(Debug)]
+pub struct Chunk {
+    pub stream: Arc<Stream>,
+    pub cursor: Arc<Cursor>,
+    pub data: Vec<u8>,
+    pub lines: Vec<Range<u32>>,
+    pub ts_first: i64,
+    /// The file position after the last byte this chunk consumed.
+    pub end: Position,
+}
+
+impl Chunk {
+    pub fn line(&self, i: usize) -> &[u8] {
+        let r = &self.lines[i];
+        &self.data[r.start as usize..r.end as usize]
+    }
+
+    pub fn line_bytes(&self) -> usize {
+        self.lines.iter().map(|r| (r.end - r.start) as usize).sum()
+    }
+
+    /// Splits off the lines from `at` on into a new chunk (with a copy of the data). Only the
+    /// 413 path uses it, so the copy is not on the hot path.
+    fn split_off(&mut self, at: usize) -> Chunk {
+        let tail_lines: Vec<Range<u32>> = self.lines.split_off(at);
+        Chunk {
+            stream: self.stream.clone(),
+            cursor: self.cursor.clone(),
+            data: self.data.clone(),
+            lines: tail_lines,
+            ts_first: self.ts_first + at as i64,
+            end: self.end,
+        }
+    }
+}
+
+/// The chunks of one stream within a batch.
+#[derive(Debug)]
+pub struct StreamBatch {
+    pub stream: Arc<Stream>,
+    pub chunks: Vec<Chunk>,
+}
+
+impl StreamBatch {
+    pub fn entries(&self) -> usize {
+        self.chunks.iter().map(|c| c.lines.len()).sum()
+    }
+}
+
+/// Chunks grouped by stream, sent as one push request.
+#[derive(Debug)]
+pub struct Batch {
+    pub streams: Vec<StreamBatch>,
+    pub line_bytes: usize,
+    pub entries: usize,
+    pub opened: Instant,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Batch {
+            streams: Vec::new(),
+            line_bytes: 0,
+            entries: 0,
+            opened: Instant::now(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    pub fn push(&mut self, chunk: Chunk) {
+        if self.streams.is_empty() {
+            self.opened = Instant::now();
+        }
+        self.line_bytes += chunk.line_bytes();
+        self.entries += chunk.lines.len();
+        // Few streams per batch in practice; a linear scan beats hashing here.
+        match self
+            .streams
+            .iter_mut()
+            .find(|s| Arc::ptr_eq(&s.stream, &chunk.stream))
+        {
+            Some(s) => s.chunks.push(chunk),
+            None => self.streams.push(StreamBatch {
+                stream: chunk.stream.clone(),
+                chunks: vec![chunk],
+            }),
+        }
+    }
+
+    /// The last position of every file in this batch, in the order chunks arrived.
+    pub fn positions(&self) -> Vec<(Arc<Cursor>, Position)> {
+        let mut out: Vec<(Arc<Cursor>, Position)> = Vec::new();
+        for c in self.streams.iter().flat_map(|s| &s.chunks) {
+            match out.iter_mut().find(|(k, _)| Arc::ptr_eq(k, &c.cursor)) {
+                Some(slot) => slot.1 = c.end,
+                None => out.push((c.cursor.clone(), c.end)),
+            }
+        }
+        out
+    }
+
+    /// Splits into two batches of about half the entries each (for a 413). `None` when the batch
+    /// holds a single entry.
+    pub fn split(self) -> Result<(Batch, Batch), Batch> {
+        if self.entries < 2 {
+            return Err(self);
+        }
+        let half = self.entries / 2;
+        let mut first = Batch::new();
+        let mut second = Batch::new();
+        let mut taken = 0;
+        for s in self.streams {
+            for mut c in s.chunks {
+                let n = c.lines.len();
+                if taken >= half {
+                    second.push(c);
+                } else if taken + n <= half {
+                    taken += n;
+                    first.push(c);
+                } else {
+                    let rest = c.split_off(half - taken);
+                    taken = half;
+                    first.push(c);
+                    second.push(rest);
+                }
+            }
+        }
+        Ok((first, second))
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}

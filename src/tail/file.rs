@@ -1,0 +1,178 @@
+//! The tailer task of one file: read to the end, hand the chunks to the pipeline, then watch for
+//! growth, truncation, rotation and deletion.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::reader::{FileReader, ReadLines};
+use super::{FileState, Tailer, TrackedFile};
+use crate::pipeline::Chunk;
+
+/// How often an idle file is checked when no inotify event arrives (events can be dropped).
+const POLL: Duration = Duration::from_millis(500);
+
+pub(super) struct Context {
+    pub tailer: Arc<Tailer>,
+    pub tx: mpsc::Sender<Chunk>,
+    pub max_partial_age: Duration,
+    pub rotate_wait: Duration,
+}
+
+pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context) {
+    let mut reader = Some(reader);
+    let mut partial_since: Option<Instant> = None;
+    let mut rotated_since: Option<Instant> = None;
+    let cancel = ctx.tailer.cancel.clone();
+    let metrics = ctx.tailer.metrics.clone();
+    'outer: loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        // Read everything there is.
+        loop {
+            let Some(mut r) = reader.take() else {
+                break 'outer;
+            };
+            let (r, result) = match tokio::task::spawn_blocking(move || {
+                let res = r.read_chunk();
+                (r, res)
+            })
+            .await
+            {
+                Ok(v) => v,
+                Err(_) => break 'outer, // the runtime is shutting down
+            };
+            file.read_offset.store(r.read_offset(), Ordering::Relaxed);
+            file.note_head(r.head());
+            let has_partial = r.has_partial();
+            reader = Some(r);
+            match result {
+                Ok(Some(lines)) => {
+                    if !send(&file, &ctx, lines).await {
+                        break 'outer;
+                    }
+                    partial_since = has_partial.then(Instant::now);
+                    if cancel.is_cancelled() {
+                        break 'outer;
+                    }
+                }
+                Ok(None) => {
+                    if has_partial && partial_since.is_none() {
+                        partial_since = Some(Instant::now());
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %file.path().display(), error = %e, "read error; retrying");
+                    break;
+                }
+            }
+        }
+        let Some(r) = reader.as_mut() else { break };
+
+        // At the end of what is there: has the file changed under us?
+        let meta = match r.file().metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(path = %file.path().display(), error = %e, "cannot stat an open file");
+                break;
+            }
+        };
+        file.size.store(meta.len(), Ordering::Relaxed);
+        if meta.len() < r.read_offset() || r.head_changed().unwrap_or(false) {
+            metrics.file_truncations.inc();
+            tracing::warn!(
+                path = %file.path().display(),
+                offset = r.read_offset(),
+                size = meta.len(),
+                "file truncated (copytruncate?); reading it again from the beginning. Lines written between the last read and the truncation are lost: prefer rename rotation"
+            );
+            if r.reset().is_err() {
+                break;
+            }
+            partial_since = None;
+            continue;
+        }
+        if meta.len() > r.read_offset() {
+            continue;
+        }
+        if let Some(since) = partial_since
+            && since.elapsed() >= ctx.max_partial_age
+            && let Some(lines) = r.flush_partial()
+        {
+            partial_since = None;
+            if !send(&file, &ctx, lines).await {
+                break;
+            }
+            continue;
+        }
+
+        // Rotation and deletion: is this file still at its path?
+        let deleted = meta.nlink() == 0;
+        file.deleted.store(deleted, Ordering::Relaxed);
+        let at_path = std::fs::metadata(file.path())
+            .map(|m| m.dev() == file.dev && m.ino() == file.ino)
+            .unwrap_or(false);
+        if at_path && !deleted {
+            if rotated_since.take().is_some() {
+                file.set_state(FileState::Active);
+            }
+        } else {
+            let since = *rotated_since.get_or_insert_with(|| {
+                tracing::info!(path = %file.path().display(), deleted, "file rotated or deleted; draining it before closing");
+                file.set_state(FileState::Rotated);
+                ctx.tailer.release_path(&file);
+                Instant::now()
+            });
+            if since.elapsed() >= ctx.rotate_wait {
+                if let Some(lines) = r.flush_partial() {
+                    send(&file, &ctx, lines).await;
+                }
+                break;
+            }
+        }
+
+        let mut wait = POLL;
+        if let Some(since) = partial_since {
+            wait = wait.min(ctx.max_partial_age.saturating_sub(since.elapsed()));
+        }
+        tokio::select! {
+            _ = file.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    file.set_state(FileState::Closed);
+    ctx.tailer.release_path(&file);
+    tracing::debug!(path = %file.path().display(), "closed");
+}
+
+/// Hands lines to the pipeline; false once the pipeline is gone.
+async fn send(file: &TrackedFile, ctx: &Context, lines: ReadLines) -> bool {
+    let metrics = &ctx.tailer.metrics;
+    metrics.lines_read.inc_by(lines.lines.len() as u64);
+    metrics.bytes_read.inc_by(lines.bytes);
+    if lines.truncated_lines > 0 {
+        metrics.lines_truncated.inc_by(lines.truncated_lines);
+        tracing::warn!(path = %file.path().display(), count = lines.truncated_lines, "lines longer than max_line_bytes were truncated");
+    }
+    let chunk = Chunk {
+        ts_first: file.stream.reserve_timestamps(lines.lines.len()),
+        stream: file.stream.clone(),
+        cursor: file.cursor.clone(),
+        data: lines.data,
+        lines: lines.lines,
+        end: lines.end,
+    };
+    // At shutdown a chunk stuck behind a full pipeline is dropped unacknowledged: it is read
+    // again after the restart.
+    tokio::select! {
+        sent = ctx.tx.send(chunk) => sent.is_ok(),
+        _ = ctx.tailer.cancel.cancelled() => false,
+    }
+}

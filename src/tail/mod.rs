@@ -1,0 +1,579 @@
+//! File sources: discovery (globs, inotify events, periodic rescans), one tailer task per file,
+//! and checkpoints of acknowledged positions.
+//!
+//! A file is identified by device + inode, checked against a fingerprint of its first bytes, so
+//! a renamed file that still matches a glob is not read twice and a reused inode is not taken
+//! for the old file. Rotation is followed through the open descriptor: a file renamed or deleted
+//! away is drained and kept for `rotate_wait` before it is closed; its successor at the same
+//! path is started once the old one has been read to its end. This module does not parse lines
+//! (see [`reader`]) or know about Loki (it hands [`Chunk`]s to the pipeline).
+
+pub mod checkpoint;
+mod file;
+pub mod reader;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, Metadata, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{SourceConfig, StartAt, TailConfig};
+use crate::loki::labels::FILENAME;
+use crate::metrics::{Metrics, PathLabel};
+use crate::pipeline::{Chunk, Cursor, Position, Stream, lock};
+use checkpoint::{Entry, StateDir};
+use reader::{FileReader, hash, read_head};
+
+/// Lifecycle of a tracked file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileState {
+    /// At its path, being read.
+    Active = 0,
+    /// Renamed or deleted away: drained until `rotate_wait` has passed.
+    Rotated = 1,
+    /// Descriptor closed; kept until Loki has acknowledged its last lines.
+    Closed = 2,
+}
+
+/// A file being tailed, shared by its tailer task, discovery, the checkpointer and `/status`.
+pub struct TrackedFile {
+    pub dev: u64,
+    pub ino: u64,
+    pub source: String,
+    path: Mutex<PathBuf>,
+    pub cursor: Arc<Cursor>,
+    stream: Arc<Stream>,
+    read_offset: AtomicU64,
+    size: AtomicU64,
+    head: Mutex<(u32, u64)>,
+    state: AtomicU8,
+    deleted: AtomicBool,
+    wake: Notify,
+}
+
+impl TrackedFile {
+    pub fn path(&self) -> PathBuf {
+        lock(&self.path).clone()
+    }
+
+    pub fn state(&self) -> FileState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => FileState::Active,
+            1 => FileState::Rotated,
+            _ => FileState::Closed,
+        }
+    }
+
+    fn set_state(&self, s: FileState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// Bytes on disk not yet acknowledged by Loki.
+    pub fn lag(&self) -> u64 {
+        self.size
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.cursor.committed().offset)
+    }
+
+    /// Records the file's first bytes as far as they have been read (the fingerprint grows
+    /// with the file up to [`reader::HEAD_LEN`]).
+    fn note_head(&self, head: &[u8]) {
+        let mut h = lock(&self.head);
+        if h.0 as usize != head.len() {
+            *h = (head.len() as u32, hash(head));
+        }
+    }
+
+    fn entry(&self) -> Entry {
+        let (head_len, head_hash) = *lock(&self.head);
+        let pos = self.cursor.committed();
+        Entry {
+            dev: self.dev,
+            ino: self.ino,
+            path: self.path(),
+            head_len,
+            head_hash,
+            offset: pos.offset,
+            tail_len: pos.tail_len,
+            tail_hash: pos.tail_hash,
+        }
+    }
+
+    /// A snapshot for `/status`.
+    pub fn status(&self) -> FileStatus {
+        let size = self.size.load(Ordering::Relaxed);
+        let committed = self.cursor.committed().offset;
+        FileStatus {
+            path: self.path(),
+            source: self.source.clone(),
+            state: self.state(),
+            deleted: self.deleted.load(Ordering::Relaxed),
+            size,
+            read_offset: self.read_offset.load(Ordering::Relaxed),
+            committed_offset: committed,
+            lag_bytes: size.saturating_sub(committed),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct FileStatus {
+    pub path: PathBuf,
+    pub source: String,
+    pub state: FileState,
+    pub deleted: bool,
+    pub size: u64,
+    pub read_offset: u64,
+    pub committed_offset: u64,
+    pub lag_bytes: u64,
+}
+
+#[derive(Default)]
+struct Registry {
+    by_inode: HashMap<(u64, u64), Arc<TrackedFile>>,
+    /// The file currently read at each path.
+    by_path: HashMap<PathBuf, Arc<TrackedFile>>,
+}
+
+/// All file sources.
+pub struct Tailer {
+    sources: Vec<SourceConfig>,
+    cfg: TailConfig,
+    metrics: Arc<Metrics>,
+    state_dir: StateDir,
+    files: Mutex<Registry>,
+    streams: Mutex<HashMap<String, Arc<Stream>>>,
+    /// Checkpoints loaded at start and not yet claimed by a file.
+    resume: Mutex<HashMap<(u64, u64), Entry>>,
+    first_start: AtomicBool,
+    rescan: Notify,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Tailer {
+    pub fn new(
+        sources: Vec<SourceConfig>,
+        cfg: TailConfig,
+        state_dir: StateDir,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Arc<Self> {
+        let loaded = state_dir.load();
+        Arc::new(Tailer {
+            sources,
+            cfg,
+            metrics,
+            state_dir,
+            files: Mutex::default(),
+            streams: Mutex::default(),
+            resume: Mutex::new(loaded.entries),
+            first_start: AtomicBool::new(loaded.first_start),
+            rescan: Notify::new(),
+            cancel,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Every tracked file, for `/status`.
+    pub fn files(&self) -> Vec<Arc<TrackedFile>> {
+        let mut v: Vec<_> = lock(&self.files).by_inode.values().cloned().collect();
+        v.sort_by_key(|f| f.path());
+        v
+    }
+
+    /// Runs discovery and the tailers until cancelled; returns once every tailer has stopped,
+    /// which drops the last sender of `tx`.
+    pub async fn run(self: Arc<Self>, tx: mpsc::Sender<Chunk>) {
+        let mut watcher = self.clone().watcher();
+        let mut watched = HashSet::new();
+        loop {
+            if let Some(w) = watcher.as_mut() {
+                self.watch_dirs(w, &mut watched);
+            }
+            let this = self.clone();
+            let found = tokio::task::spawn_blocking(move || this.scan())
+                .await
+                .unwrap_or_default();
+            for (source, path, meta) in found {
+                self.start_file(source, path, &meta, &tx);
+            }
+            if self.first_start.swap(false, Ordering::Relaxed) {
+                tracing::debug!("initial scan done");
+            }
+            // Checkpoints not claimed by the first scans belong to files that are gone or no
+            // longer match; keep them a while in case a file was briefly unreadable.
+            tokio::select! {
+                _ = self.rescan.notified() => {
+                    // Coalesce bursts of events (a rotation is a rename plus a create).
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                _ = tokio::time::sleep(self.cfg.rescan_interval) => {}
+                _ = self.cancel.cancelled() => break,
+            }
+        }
+        drop(watcher);
+        drop(tx);
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Writes checkpoints every `checkpoint_interval` until cancelled, then once more after
+    /// `done` resolves (the sink has finished), so the final state is on disk.
+    pub async fn checkpoint_loop(self: Arc<Self>, done: impl std::future::Future<Output = ()>) {
+        let mut last = Vec::new();
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.checkpoint_interval) => self.checkpoint(&mut last),
+                _ = &mut done => break,
+            }
+        }
+        self.checkpoint(&mut last);
+    }
+
+    fn checkpoint(&self, last: &mut Vec<Entry>) {
+        let mut entries = Vec::new();
+        let (mut open, mut deleted) = (0, 0);
+        {
+            let mut reg = lock(&self.files);
+            let mut retired = Vec::new();
+            for (key, f) in &reg.by_inode {
+                let state = f.state();
+                if state == FileState::Closed && f.cursor.is_settled() {
+                    retired.push(*key);
+                    continue;
+                }
+                if state != FileState::Closed {
+                    open += 1;
+                    deleted += f.deleted.load(Ordering::Relaxed) as i64;
+                }
+                self.metrics
+                    .checkpoint_lag_bytes
+                    .get_or_create(&PathLabel {
+                        path: f.path().display().to_string(),
+                    })
+                    .set(f.lag() as i64);
+                entries.push(f.entry());
+            }
+            for key in retired {
+                if let Some(f) = reg.by_inode.remove(&key) {
+                    self.metrics.checkpoint_lag_bytes.remove(&PathLabel {
+                        path: f.path().display().to_string(),
+                    });
+                }
+            }
+        }
+        self.metrics.files_open.set(open);
+        self.metrics.deleted_files_open.set(deleted);
+        entries.extend(lock(&self.resume).values().cloned());
+        entries.sort_by_key(|e| (e.dev, e.ino));
+        if entries == *last {
+            return;
+        }
+        match self.state_dir.save(&entries) {
+            Ok(()) => *last = entries,
+            Err(e) => {
+                self.metrics.checkpoint_write_errors.inc();
+                tracing::error!(dir = %self.state_dir.path().display(), error = %e, "cannot write checkpoints; positions are kept in memory and retried (a crash now re-sends more lines)");
+            }
+        }
+    }
+
+    /// Lists the regular files matching each source's globs.
+    fn scan(&self) -> Vec<(usize, PathBuf, Metadata)> {
+        let mut out = Vec::new();
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
+        for (i, src) in self.sources.iter().enumerate() {
+            for pattern in &src.include {
+                let Ok(paths) = glob::glob_with(pattern, opts) else {
+                    continue;
+                };
+                for path in paths.flatten() {
+                    if src.exclude.is_match(&path) {
+                        continue;
+                    }
+                    // Follows symlinks; directories, FIFOs and sockets are skipped here so that
+                    // opening never blocks.
+                    match std::fs::metadata(&path) {
+                        Ok(m) if m.is_file() => out.push((i, path, m)),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(path = %path.display(), error = %e, "cannot stat")
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn start_file(
+        self: &Arc<Self>,
+        source: usize,
+        path: PathBuf,
+        meta: &Metadata,
+        tx: &mpsc::Sender<Chunk>,
+    ) {
+        let key = (meta.dev(), meta.ino());
+        {
+            let mut reg = lock(&self.files);
+            if let Some(f) = reg.by_inode.get(&key).cloned() {
+                // Known file. If it was renamed to a path that still matches, follow it there.
+                if f.path() != path
+                    && f.state() != FileState::Closed
+                    && !reg.by_path.contains_key(&path)
+                {
+                    *lock(&f.path) = path.clone();
+                    reg.by_path.insert(path, f.clone());
+                    f.wake.notify_one();
+                }
+                return;
+            }
+            if let Some(old) = reg.by_path.get(&path) {
+                // The file at this path was replaced; its predecessor is drained first.
+                old.wake.notify_one();
+                return;
+            }
+        }
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open a matching file; will retry at the next scan (check its permissions)");
+                return;
+            }
+        };
+        let Ok(fmeta) = file.metadata() else { return };
+        if !fmeta.is_file() || (fmeta.dev(), fmeta.ino()) != key {
+            return; // replaced between stat and open; the next scan sees the new one
+        }
+        let src = &self.sources[source];
+        let start = match self.start_position(&file, &fmeta, &path, src.start_at) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read a matching file; will retry at the next scan");
+                return;
+            }
+        };
+        let reader = match FileReader::new(
+            file,
+            start.offset,
+            src.max_line_bytes,
+            self.cfg.read_buffer,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read a matching file; will retry at the next scan");
+                return;
+            }
+        };
+        let head = reader.head();
+        let labels = src.labels.with(FILENAME, &path.to_string_lossy());
+        let rendered = labels.render();
+        let stream = lock(&self.streams)
+            .entry(rendered)
+            .or_insert_with(|| Arc::new(Stream::new(&labels)))
+            .clone();
+        let tracked = Arc::new(TrackedFile {
+            dev: key.0,
+            ino: key.1,
+            source: src.name.clone(),
+            path: Mutex::new(path.clone()),
+            cursor: Arc::new(Cursor::new(start)),
+            stream,
+            read_offset: AtomicU64::new(start.offset),
+            size: AtomicU64::new(fmeta.len()),
+            head: Mutex::new((head.len() as u32, hash(head))),
+            state: AtomicU8::new(FileState::Active as u8),
+            deleted: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        {
+            let mut reg = lock(&self.files);
+            reg.by_inode.insert(key, tracked.clone());
+            reg.by_path.insert(path.clone(), tracked.clone());
+        }
+        tracing::info!(path = %path.display(), source = %src.name, offset = start.offset, "tailing");
+        let ctx = file::Context {
+            tailer: self.clone(),
+            tx: tx.clone(),
+            max_partial_age: src.partial_line_timeout,
+            rotate_wait: src.rotate_wait,
+        };
+        self.tasks.spawn(file::run(tracked, reader, ctx));
+    }
+
+    /// Where to start reading a newly found file: its checkpoint if it is provably the same file,
+    /// else `start_at` for files present at the very first start, else the beginning.
+    fn start_position(
+        &self,
+        file: &File,
+        meta: &Metadata,
+        path: &Path,
+        start_at: StartAt,
+    ) -> std::io::Result<Position> {
+        let key = (meta.dev(), meta.ino());
+        let saved = lock(&self.resume).remove(&key);
+        if let Some(e) = saved {
+            let head = read_head(file, e.head_len as usize)?;
+            let same_file = head.len() == e.head_len as usize && hash(&head) == e.head_hash;
+            if !same_file {
+                tracing::info!(path = %path.display(), "inode reused by a different file; reading it from the beginning");
+                return Ok(Position::default());
+            }
+            if meta.len() >= e.offset {
+                let mut tail = vec![0; e.tail_len as usize];
+                file.read_exact_at(&mut tail, e.offset - e.tail_len as u64)?;
+                if hash(&tail) == e.tail_hash {
+                    return Ok(Position {
+                        offset: e.offset,
+                        tail_len: e.tail_len,
+                        tail_hash: e.tail_hash,
+                    });
+                }
+            }
+            self.metrics.file_truncations.inc();
+            tracing::warn!(path = %path.display(), offset = e.offset, size = meta.len(), "file changed below its checkpoint while ztail was down (truncated?); reading it from the beginning");
+            return Ok(Position::default());
+        }
+        if self.first_start.load(Ordering::Relaxed) && start_at == StartAt::End {
+            let size = meta.len();
+            let from = size.saturating_sub(crate::pipeline::TAIL_LEN as u64);
+            let mut tail = vec![0; (size - from) as usize];
+            file.read_exact_at(&mut tail, from)?;
+            return Ok(Position {
+                offset: size,
+                tail_len: tail.len() as u32,
+                tail_hash: hash(&tail),
+            });
+        }
+        Ok(Position::default())
+    }
+
+    /// A path stopped pointing at this file: let its successor be found.
+    fn release_path(&self, f: &Arc<TrackedFile>) {
+        let path = f.path();
+        let mut reg = lock(&self.files);
+        if reg
+            .by_path
+            .get(&path)
+            .is_some_and(|cur| Arc::ptr_eq(cur, f))
+        {
+            reg.by_path.remove(&path);
+        }
+        drop(reg);
+        self.rescan.notify_one();
+    }
+
+    fn watcher(self: Arc<Self>) -> Option<notify::RecommendedWatcher> {
+        let weak = Arc::downgrade(&self);
+        let result = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let (Ok(event), Some(t)) = (res, weak.upgrade()) else {
+                return;
+            };
+            t.on_event(&event);
+        });
+        match result {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "file events unavailable; relying on rescans and polling");
+                None
+            }
+        }
+    }
+
+    fn on_event(&self, event: &notify::Event) {
+        use notify::EventKind;
+        let structural = matches!(
+            event.kind,
+            EventKind::Create(_)
+                | EventKind::Remove(_)
+                | EventKind::Modify(notify::event::ModifyKind::Name(_))
+        );
+        let reg = lock(&self.files);
+        for p in &event.paths {
+            if let Some(f) = reg.by_path.get(p) {
+                f.wake.notify_one();
+            }
+        }
+        drop(reg);
+        if structural {
+            self.rescan.notify_one();
+        }
+    }
+
+    fn watch_dirs(&self, w: &mut notify::RecommendedWatcher, watched: &mut HashSet<PathBuf>) {
+        use notify::Watcher;
+        for src in &self.sources {
+            for pattern in &src.include {
+                let (dir, recursive) = watch_root(pattern);
+                if watched.contains(&dir) {
+                    continue;
+                }
+                let mode = if recursive {
+                    notify::RecursiveMode::Recursive
+                } else {
+                    notify::RecursiveMode::NonRecursive
+                };
+                if w.watch(&dir, mode).is_ok() {
+                    watched.insert(dir);
+                }
+            }
+        }
+    }
+}
+
+/// The directory to watch for a glob pattern: its longest literal prefix, recursively if a
+/// directory component has wildcards.
+fn watch_root(pattern: &str) -> (PathBuf, bool) {
+    let is_glob = |c: &str| c.contains(['*', '?', '[', '{']);
+    let comps: Vec<&str> = pattern.split('/').collect();
+    let first_glob = comps
+        .iter()
+        .position(|c| is_glob(c))
+        .unwrap_or(comps.len() - 1);
+    let dir = comps[..first_glob].join("/");
+    let dir = if dir.is_empty() { "/".to_owned() } else { dir };
+    (PathBuf::from(dir), first_glob < comps.len() - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_roots() {
+        assert_eq!(
+            watch_root("/var/log/app/*.log"),
+            (PathBuf::from("/var/log/app"), false)
+        );
+        assert_eq!(
+            watch_root("/var/log/pods/*/*/*.log"),
+            (PathBuf::from("/var/log/pods"), true)
+        );
+        assert_eq!(
+            watch_root("/var/log/**/x.log"),
+            (PathBuf::from("/var/log"), true)
+        );
+        assert_eq!(
+            watch_root("/var/log/a.log"),
+            (PathBuf::from("/var/log"), false)
+        );
+    }
+}

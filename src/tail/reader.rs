@@ -1,0 +1,364 @@
+//! Reading one file through its open descriptor and splitting what was read into lines.
+//!
+//! Pure of scheduling: [`FileReader::read_chunk`] does blocking reads and is run on tokio's
+//! blocking pool by the tailer. Offsets count raw bytes up to the last line terminator consumed,
+//! independent of decoding. A line longer than `max_line` is cut at `max_line` bytes (on a UTF-8
+//! boundary), counted, and the rest of it is skipped up to its newline: the file keeps being
+//! read. Invalid UTF-8 is replaced with U+FFFD. A trailing `\r` is stripped.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+
+use crate::pipeline::{Position, TAIL_LEN};
+
+/// How many leading bytes of a file identify it (its fingerprint grows up to this).
+pub const HEAD_LEN: usize = 1024;
+
+/// Lines read by one [`FileReader::read_chunk`] call.
+#[derive(Debug)]
+pub struct ReadLines {
+    pub data: Vec<u8>,
+    pub lines: Vec<Range<u32>>,
+    pub end: Position,
+    pub truncated_lines: u64,
+    pub bytes: u64,
+}
+
+/// Reads a file sequentially from a position.
+pub struct FileReader {
+    file: File,
+    /// Offset of the next byte to read from the file.
+    read_at: u64,
+    /// Offset of the first byte not yet consumed (start of `carry`).
+    consumed: u64,
+    /// Bytes of an unfinished line.
+    carry: Vec<u8>,
+    /// Skipping the remainder of an over-long line up to its newline.
+    discarding: bool,
+    /// The last bytes consumed (for the position's tail hash).
+    tail: Vec<u8>,
+    /// The first bytes of the file (for its fingerprint).
+    head: Vec<u8>,
+    max_line: usize,
+    buf_size: usize,
+}
+
+impl FileReader {
+    /// A reader starting at `start`, which must be a position this file was read to before (or 0).
+    pub fn new(file: File, start: u64, max_line: usize, buf_size: usize) -> io::Result<Self> {
+        let mut r = FileReader {
+            file,
+            read_at: start,
+            consumed: start,
+            carry: Vec::new(),
+            discarding: false,
+            tail: Vec::with_capacity(TAIL_LEN),
+            head: Vec::new(),
+            max_line,
+            buf_size,
+        };
+        r.file.seek(SeekFrom::Start(start))?;
+        r.head = read_head(&r.file, (start as usize).min(HEAD_LEN))?;
+        let from = start.saturating_sub(TAIL_LEN as u64);
+        let mut tail = vec![0; (start - from) as usize];
+        r.file.read_exact_at(&mut tail, from)?;
+        r.tail = tail;
+        Ok(r)
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Offset of the next unread byte.
+    pub fn read_offset(&self) -> u64 {
+        self.read_at
+    }
+
+    /// The position after the last consumed byte.
+    pub fn position(&self) -> Position {
+        Position {
+            offset: self.consumed,
+            tail_len: self.tail.len() as u32,
+            tail_hash: hash(&self.tail),
+        }
+    }
+
+    /// The file's first bytes as far as they have been read.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    pub fn has_partial(&self) -> bool {
+        !self.carry.is_empty()
+    }
+
+    /// Starts over at offset 0 (the file was truncated).
+    pub fn reset(&mut self) -> io::Result<()> {
+        self.file.seek(SeekFrom::Start(0))?;
+        self.read_at = 0;
+        self.consumed = 0;
+        self.carry.clear();
+        self.tail.clear();
+        self.head.clear();
+        self.discarding = false;
+        Ok(())
+    }
+
+    /// True if the bytes at the start of the file are no longer those read earlier (the file
+    /// was truncated and rewritten, possibly beyond our offset, before we noticed).
+    pub fn head_changed(&self) -> io::Result<bool> {
+        if self.head.is_empty() {
+            return Ok(false);
+        }
+        let now = read_head(&self.file, self.head.len())?;
+        Ok(now != self.head)
+    }
+
+    /// Reads up to one buffer and returns the complete lines in it, or `None` at end of file
+    /// with nothing consumed.
+    pub fn read_chunk(&mut self) -> io::Result<Option<ReadLines>> {
+        let carried = self.carry.len();
+        let mut data = Vec::with_capacity(carried + self.buf_size);
+        data.append(&mut self.carry);
+        let n = (&self.file)
+            .take(self.buf_size as u64)
+            .read_to_end(&mut data)?;
+        if n == 0 {
+            self.carry = data;
+            return Ok(None);
+        }
+        if (self.read_at as usize) < HEAD_LEN {
+            let want = HEAD_LEN - self.read_at as usize;
+            self.head
+                .extend_from_slice(&data[carried..carried + want.min(n)]);
+        }
+        self.read_at += n as u64;
+        Ok(self.split(data, false))
+    }
+
+    /// Emits the unfinished line as a line of its own (after the partial-line timeout, or when
+    /// a rotated file is closed).
+    pub fn flush_partial(&mut self) -> Option<ReadLines> {
+        if self.carry.is_empty() {
+            return None;
+        }
+        let data = std::mem::take(&mut self.carry);
+        self.split(data, true)
+    }
+
+    /// Splits `data` (which starts at `self.consumed`) into lines. With `all`, a final line
+    /// without a newline is consumed too.
+    fn split(&mut self, mut data: Vec<u8>, all: bool) -> Option<ReadLines> {
+        let mut lines = Vec::new();
+        let mut truncated = 0;
+        let mut start = 0usize;
+        for nl in memchr::memchr_iter(b'\n', &data) {
+            if self.discarding {
+                self.discarding = false;
+            } else {
+                truncated += self.push_line(&data, start, nl, &mut lines) as u64;
+            }
+            start = nl + 1;
+        }
+        let mut consumed = start;
+        if self.discarding {
+            consumed = data.len();
+        } else if data.len() - start > self.max_line {
+            // An over-long line still without its newline: emit its first max_line bytes now and
+            // skip the rest up to the newline.
+            truncated += self.push_line(&data, start, data.len(), &mut lines) as u64;
+            self.discarding = true;
+            consumed = data.len();
+        } else if all && start < data.len() {
+            truncated += self.push_line(&data, start, data.len(), &mut lines) as u64;
+            consumed = data.len();
+        }
+        self.carry.extend_from_slice(&data[consumed..]);
+        if consumed == 0 {
+            return None;
+        }
+        self.consumed += consumed as u64;
+        self.remember_tail(&data[..consumed]);
+        data.truncate(consumed);
+        if std::str::from_utf8(&data).is_err() {
+            (data, lines) = replace_invalid_utf8(&data, &lines);
+        }
+        Some(ReadLines {
+            data,
+            lines,
+            end: self.position(),
+            truncated_lines: truncated,
+            bytes: consumed as u64,
+        })
+    }
+
+    /// Adds the line `data[start..end]` (without `\r`), cut to `max_line`. Returns whether it was cut.
+    fn push_line(
+        &self,
+        data: &[u8],
+        start: usize,
+        mut end: usize,
+        lines: &mut Vec<Range<u32>>,
+    ) -> bool {
+        if end > start && data[end - 1] == b'\r' {
+            end -= 1;
+        }
+        let cut = end - start > self.max_line;
+        if cut {
+            end = start + self.max_line;
+            // Do not split a UTF-8 sequence.
+            while end > start && (data[end] & 0xC0) == 0x80 {
+                end -= 1;
+            }
+        }
+        lines.push(start as u32..end as u32);
+        cut
+    }
+
+    fn remember_tail(&mut self, consumed: &[u8]) {
+        if consumed.len() >= TAIL_LEN {
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(&consumed[consumed.len() - TAIL_LEN..]);
+        } else {
+            self.tail.extend_from_slice(consumed);
+            let excess = self.tail.len().saturating_sub(TAIL_LEN);
+            self.tail.drain(..excess);
+        }
+    }
+}
+
+fn replace_invalid_utf8(data: &[u8], lines: &[Range<u32>]) -> (Vec<u8>, Vec<Range<u32>>) {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    let mut ranges = Vec::with_capacity(lines.len());
+    for r in lines {
+        let s = String::from_utf8_lossy(&data[r.start as usize..r.end as usize]);
+        let start = out.len() as u32;
+        out.extend_from_slice(s.as_bytes());
+        ranges.push(start..out.len() as u32);
+    }
+    (out, ranges)
+}
+
+/// Reads up to `len` bytes from the start of a file.
+pub fn read_head(file: &File, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0; len];
+    let mut got = 0;
+    while got < len {
+        match file.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// FNV-1a, 64 bit: stable across Rust releases (unlike `DefaultHasher`), so it can be persisted.
+pub fn hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn reader_over(
+        content: &[u8],
+        max_line: usize,
+        buf: usize,
+    ) -> (tempfile::NamedTempFile, FileReader) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(content).unwrap();
+        let r = FileReader::new(f.reopen().unwrap(), 0, max_line, buf).unwrap();
+        (f, r)
+    }
+
+    fn all_lines(r: &mut FileReader) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(c) = r.read_chunk().unwrap() {
+            for l in &c.lines {
+                out.push(
+                    String::from_utf8(c.data[l.start as usize..l.end as usize].to_vec()).unwrap(),
+                );
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn splits_lines_across_reads_and_strips_cr() {
+        let (_f, mut r) = reader_over(b"alpha\r\nbeta\n\ngamma\npartial", 1000, 4);
+        assert_eq!(all_lines(&mut r), ["alpha", "beta", "", "gamma"]);
+        assert_eq!(r.position().offset, 18);
+        assert!(r.has_partial());
+        let c = r.flush_partial().unwrap();
+        assert_eq!(
+            &c.data[c.lines[0].start as usize..c.lines[0].end as usize],
+            b"partial"
+        );
+        assert_eq!(c.end.offset, 25);
+    }
+
+    #[test]
+    fn long_lines_are_truncated_and_the_file_goes_on() {
+        let long = "x".repeat(100);
+        let content = format!("short\n{long}\nafter\n");
+        for buf in [7, 64, 4096] {
+            let (_f, mut r) = reader_over(content.as_bytes(), 10, buf);
+            let mut truncated = 0;
+            let mut lines = Vec::new();
+            while let Some(c) = r.read_chunk().unwrap() {
+                truncated += c.truncated_lines;
+                for l in &c.lines {
+                    lines.push(
+                        String::from_utf8(c.data[l.start as usize..l.end as usize].to_vec())
+                            .unwrap(),
+                    );
+                }
+            }
+            assert_eq!(lines, ["short", "xxxxxxxxxx", "after"], "buf {buf}");
+            assert_eq!(truncated, 1);
+            assert_eq!(r.position().offset, content.len() as u64);
+        }
+    }
+
+    #[test]
+    fn truncation_respects_utf8_boundaries() {
+        let (_f, mut r) = reader_over("ééééé\n".as_bytes(), 5, 4096);
+        assert_eq!(all_lines(&mut r), ["éé"]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced() {
+        let (_f, mut r) = reader_over(b"ok\nbad\xff\xfeend\n", 100, 4096);
+        assert_eq!(all_lines(&mut r), ["ok", "bad\u{fffd}\u{fffd}end"]);
+    }
+
+    #[test]
+    fn tail_hash_is_independent_of_read_sizes() {
+        let content: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        let (_f, mut a) = reader_over(content.as_bytes(), 1000, 5);
+        let (_g, mut b) = reader_over(content.as_bytes(), 1000, 4096);
+        all_lines(&mut a);
+        all_lines(&mut b);
+        assert_eq!(a.position(), b.position());
+        // A reader resumed at that offset computes the same position.
+        let (_h, c) = reader_over(content.as_bytes(), 1000, 4096);
+        let resumed =
+            FileReader::new(c.file.try_clone().unwrap(), a.position().offset, 1000, 64).unwrap();
+        assert_eq!(resumed.position(), a.position());
+        assert_eq!(a.head(), &content.as_bytes()[..HEAD_LEN]);
+    }
+}

@@ -1,0 +1,109 @@
+//! `ztail check`: broken configs name the key and the reason and exit non-zero.
+
+use std::process::Command;
+
+use crate::support::ztail::Env;
+
+fn check(env: &Env, config: &str) -> (i32, String) {
+    let path = env.path("check.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ztail"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+#[test]
+fn broken_configs_name_the_key_and_the_reason() {
+    let env = Env::new();
+    let good = env.config("https://127.0.0.1:3100", "", "");
+    let (code, out) = check(&env, &good);
+    assert_eq!(code, 0, "{out}");
+
+    let cases = [
+        (
+            good.replace("name = \"app\"", "name = \"app\"\nfolow = true"),
+            "sources[0].folow",
+            "unknown field `folow`",
+        ),
+        (
+            good.replace("https://127.0.0.1:3100", "http://127.0.0.1:3100"),
+            "sink.url",
+            "not https",
+        ),
+        (
+            good.replace("allowed_ids = [\"spiffe://example.org/loki\"]", ""),
+            "sink.peer",
+            "never trusts a peer by address",
+        ),
+        (
+            good.replace(
+                "allowed_ids = [\"spiffe://example.org/loki\"]",
+                "allowed_path_prefixes = [\"spiffe://example.org/loki/\"]",
+            ),
+            "sink.peer",
+            "spiffe://example.org/loki/",
+        ),
+        (
+            good.replace("job = \"app\"", "\"job-name\" = \"app\""),
+            "sources[0].labels.job-name",
+            "invalid label name",
+        ),
+        (
+            good.replace("batch_wait = \"100ms\"", "batch_wait = \"1 fortnight\""),
+            "sink.batch_wait",
+            "invalid duration",
+        ),
+        (
+            good.replace(
+                "[[sources]]",
+                "[[sources]]\nmax_line_bytes = \"12 parsecs\"",
+            ),
+            "sources[0].max_line_bytes",
+            "invalid size",
+        ),
+        (
+            good.replace("logs/*.log", "logs/[*.log"),
+            "sources[0].include[0]",
+            "invalid glob",
+        ),
+        (
+            good.replace("start_at = \"beginning\"", "start_at = \"middle\""),
+            "sources[0].start_at",
+            "unknown variant `middle`",
+        ),
+        (
+            good.replace("[tail]", "[admin]\nlisten = \"0.0.0.0:9311\"\n[tail]"),
+            "admin.listen",
+            "not a loopback address",
+        ),
+    ];
+    for (config, key, reason) in cases {
+        let (code, out) = check(&env, &config);
+        assert_eq!(code, 2, "expected exit 2 for {key}: {out}");
+        assert!(
+            out.contains(&format!(": {key}: ")),
+            "expected key {key} in: {out}"
+        );
+        assert!(out.contains(reason), "expected {reason:?} in: {out}");
+        assert!(out.contains("check.toml"), "names the file: {out}");
+    }
+}
+
+#[test]
+fn a_key_that_does_not_match_the_certificate_is_a_check_error() {
+    let env = Env::new();
+    let other = env.ca.issue("spiffe://example.org/ztail");
+    std::fs::write(env.path("certs/ztail.key"), &other.key_pem).unwrap();
+    let (code, out) = check(&env, &env.config("https://127.0.0.1:3100", "", ""));
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("ztail.key") || out.contains("ztail.crt"),
+        "names the file: {out}"
+    );
+}

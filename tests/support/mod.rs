@@ -1,0 +1,6 @@
+//! Shared integration-test support: a throwaway SPIFFE PKI and an in-test Loki push receiver.
+//! Each test binary uses a different part of it, hence the `dead_code` allowance in both.
+
+pub mod pki;
+pub mod receiver;
+pub mod ztail;

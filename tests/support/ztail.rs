@@ -1,0 +1,267 @@
+//! Runs the real `ztail` binary in a fresh temp dir with a throwaway PKI, and talks to its
+//! admin endpoint.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::pki::{Ca, Leaf};
+use super::receiver::{Receiver, ReceiverOpts};
+
+pub const LOKI_ID: &str = "spiffe://example.org/loki";
+pub const ZTAIL_ID: &str = "spiffe://example.org/ztail";
+
+/// A temp dir with `certs/` (CA bundle, ztail's SVID), `logs/` and a place for state.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+    pub client: Leaf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::new("example.org");
+        let client = ca.issue(ZTAIL_ID);
+        fs::create_dir_all(dir.path().join("certs")).unwrap();
+        fs::create_dir_all(dir.path().join("logs")).unwrap();
+        ca.write_bundle(&dir.path().join("certs"), "ca");
+        client.write(&dir.path().join("certs"), "ztail");
+        Env { dir, ca, client }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A receiver presenting `spiffe_id`, issued by this env's CA, trusting ztail's CA.
+    pub async fn receiver(&self, spiffe_id: &str) -> Receiver {
+        let leaf = self.ca.issue(spiffe_id);
+        Receiver::start(ReceiverOpts::new(&leaf, &self.ca)).await
+    }
+
+    /// A config for the receiver at `url` with test-friendly timings; `extra` is appended as-is
+    /// (more tables, or keys for the last `[[sources]]` table).
+    pub fn config(&self, url: &str, sink_extra: &str, source_extra: &str) -> String {
+        format!(
+            r#"state_dir = "state"
+host_label = false
+[log]
+level = "info"
+[identity]
+source = "files"
+cert = "certs/ztail.crt"
+key = "certs/ztail.key"
+bundle = "certs/ca.crt"
+[sink]
+url = "{url}/loki/api/v1/push"
+batch_wait = "100ms"
+min_backoff = "50ms"
+max_backoff = "1s"
+shutdown_timeout = "5s"
+{sink_extra}
+[sink.peer]
+allowed_ids = ["{LOKI_ID}"]
+[tail]
+rescan_interval = "500ms"
+checkpoint_interval = "100ms"
+[[sources]]
+name = "app"
+include = ["logs/*.log"]
+start_at = "beginning"
+rotate_wait = "1s"
+partial_line_timeout = "1s"
+labels = {{ job = "app" }}
+{source_extra}
+"#
+        )
+    }
+}
+
+/// Appends `line-<prefix>-<n>` lines for n in `range` to a file.
+pub fn append_lines(path: &Path, prefix: &str, range: std::ops::Range<usize>) {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    let mut buf = String::new();
+    for n in range {
+        buf.push_str(&format!("{prefix} {n:08}\n"));
+    }
+    f.write_all(buf.as_bytes()).unwrap();
+}
+
+/// A running ztail process.
+pub struct Ztail {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    pub log_path: PathBuf,
+    pub config_path: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Ztail {
+    /// Writes `config` (plus an admin address) to `ztail.toml` in the env and starts ztail.
+    pub fn start(env: &Env, config: &str) -> Ztail {
+        let port = free_port();
+        let config_path = env.path("ztail.toml");
+        fs::write(
+            &config_path,
+            format!("{config}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
+        .unwrap();
+        Ztail::start_with(&config_path, port)
+    }
+
+    fn start_with(config_path: &Path, port: u16) -> Ztail {
+        let dir = config_path.parent().unwrap();
+        let n = fs::read_dir(dir).unwrap().count();
+        let log_path = dir.join(format!("ztail-{n}.log"));
+        let log = fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ztail"))
+            .arg("run")
+            .arg("-c")
+            .arg(config_path)
+            .env("RUST_LOG", "info,ztail=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ztail");
+        Ztail {
+            child: Some(child),
+            admin: SocketAddr::from(([127, 0, 0, 1], port)),
+            log_path,
+            config_path: config_path.to_owned(),
+        }
+    }
+
+    /// Starts ztail again with the same config and admin port.
+    pub fn restart(&mut self) {
+        let port = self.admin.port();
+        *self = Ztail::start_with(&self.config_path.clone(), port);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "ztail did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    fs::read_to_string(&self.log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident set size in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// GET on the admin endpoint: (status code, body). Errors while it starts give (0, "").
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let Ok(mut s) = tokio::net::TcpStream::connect(self.admin).await else {
+            return (0, String::new());
+        };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return (0, String::new());
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, body)
+    }
+
+    /// The value of a metric sample line that starts with `prefix` (e.g.
+    /// `ztail_peer_refusals_total{reason="id_not_allowed"}`), or 0.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        body.lines()
+            .find(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until the admin endpoint answers.
+    pub async fn wait_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.get("/healthz").await.0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "ztail admin never came up; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Ztail {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- ztail log ({}) ----\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
