@@ -147,6 +147,10 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             _ = cancel.cancelled() => break,
         }
     }
+    if cancel.is_cancelled() {
+        // Shutting down: the file stays tracked so that the final checkpoint records it.
+        return;
+    }
     file.set_state(FileState::Closed);
     ctx.tailer.release_path(&file);
     tracing::debug!(path = %file.path().display(), "closed");
