@@ -138,7 +138,7 @@ fn field_len(len: usize) -> usize {
 }
 
 fn varint_len(v: u64) -> usize {
-    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 fn put_tag(out: &mut Vec<u8>, field: u8, wire: u8) {

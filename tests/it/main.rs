@@ -8,6 +8,8 @@ mod support;
 mod check;
 mod delivery;
 mod identity;
+mod pki_profile;
+mod receiver_selftest;
 mod sink;
 
 use std::collections::BTreeMap;

@@ -1,7 +1,6 @@
 //! Checks that `support::pki` issues certificates in SPIRE's X509-SVID profile, as x509-parser and
 //! rustls' webpki verifiers (ring provider) see them.
 
-mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use support::pki::*;
+use crate::support::pki::*;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
