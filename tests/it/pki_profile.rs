@@ -1,18 +1,17 @@
 //! Checks that `support::pki` issues certificates in SPIRE's X509-SVID profile, as x509-parser and
 //! rustls' webpki verifiers (ring provider) see them.
 
-
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::support::pki::*;
 use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use crate::support::pki::*;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 

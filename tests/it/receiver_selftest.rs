@@ -1,19 +1,18 @@
 //! Proves that `support::receiver` itself works, with a raw client: rustls (ring) over tokio with
 //! hand-written HTTP/1.1, one request per connection. ztail's own tests can then trust it.
 
-
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
 use crate::support::pki::{Ca, Leaf};
 use crate::support::receiver::proto::{self, Entry, LabelPair, PushRequest, Stream, Timestamp};
 use crate::support::receiver::{Fault, Limits, Receiver, ReceiverOpts, STATUS_RESET, parse_labels};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
