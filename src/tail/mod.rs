@@ -31,6 +31,9 @@ use crate::pipeline::{Chunk, Cursor, Position, Stream, lock};
 use checkpoint::{Entry, StateDir};
 use reader::{FileReader, hash, read_head};
 
+/// How long checkpoints of files not found again after a start are kept.
+const UNCLAIMED_CHECKPOINT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Lifecycle of a tracked file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -195,6 +198,7 @@ impl Tailer {
     pub async fn run(self: Arc<Self>, tx: mpsc::Sender<Chunk>) {
         let mut watcher = self.clone().watcher();
         let mut watched = HashSet::new();
+        let started = std::time::Instant::now();
         loop {
             if let Some(w) = watcher.as_mut() {
                 self.watch_dirs(w, &mut watched);
@@ -206,11 +210,20 @@ impl Tailer {
             for (source, path, meta) in found {
                 self.start_file(source, path, &meta, &tx);
             }
-            if self.first_start.swap(false, Ordering::Relaxed) {
-                tracing::debug!("initial scan done");
+            self.first_start.store(false, Ordering::Relaxed);
+            // Checkpoints not claimed by the scans of the first minute belong to files that are
+            // gone or no longer match; they are kept that long in case a file was briefly
+            // unreadable, then forgotten so the checkpoint file does not grow forever.
+            if started.elapsed() >= UNCLAIMED_CHECKPOINT_TTL {
+                let mut resume = lock(&self.resume);
+                if !resume.is_empty() {
+                    tracing::info!(
+                        count = resume.len(),
+                        "forgetting checkpoints of files that no longer exist or match"
+                    );
+                    resume.clear();
+                }
             }
-            // Checkpoints not claimed by the first scans belong to files that are gone or no
-            // longer match; keep them a while in case a file was briefly unreadable.
             tokio::select! {
                 _ = self.rescan.notified() => {
                     // Coalesce bursts of events (a rotation is a rename plus a create).

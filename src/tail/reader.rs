@@ -26,6 +26,12 @@ pub struct ReadLines {
     pub bytes: u64,
 }
 
+enum ReadStep {
+    Lines(ReadLines),
+    NothingComplete,
+    Eof,
+}
+
 /// Reads a file sequentially from a position.
 pub struct FileReader {
     file: File,
@@ -117,9 +123,20 @@ impl FileReader {
         Ok(now != self.head)
     }
 
-    /// Reads up to one buffer and returns the complete lines in it, or `None` at end of file
-    /// with nothing consumed.
+    /// Reads until at least one line is complete (or an over-long line was cut) and returns the
+    /// lines read, or `None` at end of file. Reads one buffer at a time; an unfinished line is
+    /// carried into the next read (bounded by `max_line`).
     pub fn read_chunk(&mut self) -> io::Result<Option<ReadLines>> {
+        loop {
+            match self.read_once()? {
+                ReadStep::Lines(lines) => return Ok(Some(lines)),
+                ReadStep::Eof => return Ok(None),
+                ReadStep::NothingComplete => {}
+            }
+        }
+    }
+
+    fn read_once(&mut self) -> io::Result<ReadStep> {
         let carried = self.carry.len();
         let mut data = Vec::with_capacity(carried + self.buf_size);
         data.append(&mut self.carry);
@@ -127,8 +144,9 @@ impl FileReader {
             .take(self.buf_size as u64)
             .read_to_end(&mut data)?;
         if n == 0 {
-            self.carry = data;
-            return Ok(None);
+            // Keep only the carried bytes: an idle file must not pin a whole read buffer.
+            self.carry = data[..carried].to_vec();
+            return Ok(ReadStep::Eof);
         }
         if (self.read_at as usize) < HEAD_LEN {
             let want = HEAD_LEN - self.read_at as usize;
@@ -136,7 +154,10 @@ impl FileReader {
                 .extend_from_slice(&data[carried..carried + want.min(n)]);
         }
         self.read_at += n as u64;
-        Ok(self.split(data, false))
+        Ok(match self.split(data, false) {
+            Some(lines) => ReadStep::Lines(lines),
+            None => ReadStep::NothingComplete,
+        })
     }
 
     /// Emits the unfinished line as a line of its own (after the partial-line timeout, or when
@@ -301,14 +322,14 @@ mod tests {
     fn splits_lines_across_reads_and_strips_cr() {
         let (_f, mut r) = reader_over(b"alpha\r\nbeta\n\ngamma\npartial", 1000, 4);
         assert_eq!(all_lines(&mut r), ["alpha", "beta", "", "gamma"]);
-        assert_eq!(r.position().offset, 18);
+        assert_eq!(r.position().offset, 19);
         assert!(r.has_partial());
         let c = r.flush_partial().unwrap();
         assert_eq!(
             &c.data[c.lines[0].start as usize..c.lines[0].end as usize],
             b"partial"
         );
-        assert_eq!(c.end.offset, 25);
+        assert_eq!(c.end.offset, 26);
     }
 
     #[test]
