@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::identity::PeerPolicy;
 use crate::identity::files::FilesConfig;
+use crate::identity::workload::WorkloadConfig;
 use crate::loki::labels::{self, LabelSet};
 
 /// A configuration error: where it is and what is wrong.
@@ -97,6 +98,8 @@ pub struct AdminConfig {
 pub enum IdentityConfig {
     /// PEM files written by spiffe-helper, `spire-agent api fetch x509 -write` or `certs-dev/`.
     Files(FilesConfig),
+    /// The SPIFFE Workload API of a SPIRE agent.
+    Spiffe(WorkloadConfig),
 }
 
 #[derive(Debug)]
@@ -243,6 +246,10 @@ enum RawIdentity {
         cert: PathBuf,
         key: PathBuf,
         bundle: PathBuf,
+    },
+    Spiffe {
+        socket: Option<String>,
+        hint: Option<String>,
     },
 }
 
@@ -509,6 +516,33 @@ impl Validator<'_> {
                 key: self.path(&key),
                 bundle: self.path(&bundle),
             }),
+            RawIdentity::Spiffe { socket, hint } => {
+                let endpoint = match socket {
+                    Some(s) => s,
+                    None => std::env::var("SPIFFE_ENDPOINT_SOCKET").map_err(|_| {
+                        self.err(
+                            "identity.socket",
+                            "not set and SPIFFE_ENDPOINT_SOCKET is empty: name the SPIRE agent's Workload API socket, e.g. \"unix:///tmp/spire-agent/public/api.sock\"",
+                        )
+                    })?,
+                };
+                let path_ok = endpoint
+                    .strip_prefix("unix://")
+                    .is_some_and(|p| p.starts_with('/'));
+                if !path_ok && !endpoint.starts_with("tcp://") {
+                    return Err(self.err(
+                        "identity.socket",
+                        format!("invalid Workload API address {endpoint:?}: expected unix:///absolute/path.sock or tcp://ip:port"),
+                    ));
+                }
+                if hint.as_deref() == Some("") {
+                    return Err(self.err(
+                        "identity.hint",
+                        "must not be empty (omit it to take the default SVID)",
+                    ));
+                }
+                IdentityConfig::Spiffe(WorkloadConfig { endpoint, hint })
+            }
         };
         let sink = self.sink(raw.sink)?;
         let tail = TailConfig {

@@ -47,6 +47,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             metrics.clone(),
             background.clone(),
         ),
+        IdentityConfig::Spiffe(workload) => identity::workload::spawn(
+            workload,
+            config.sink.policy.clone(),
+            metrics.clone(),
+            background.clone(),
+        ),
     };
     let tracker = Arc::new(AckTracker::default());
     let sink = Arc::new(Sink::new(

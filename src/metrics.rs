@@ -21,6 +21,11 @@ pub struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabel {
     pub path: String,
 }
@@ -46,6 +51,7 @@ pub struct Metrics {
     pub identity_reload_errors: Counter,
     pub checkpoint_write_errors: Counter,
     pub in_flight_requests: Gauge,
+    pub workload_api_errors: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -70,6 +76,7 @@ impl Metrics {
             identity_reload_errors: Counter::default(),
             checkpoint_write_errors: Counter::default(),
             in_flight_requests: Gauge::default(),
+            workload_api_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register("lines_read", "Lines read from files", m.lines_read.clone());
@@ -154,6 +161,11 @@ impl Metrics {
             "Push requests currently in flight",
             m.in_flight_requests.clone(),
         );
+        registry.register(
+            "workload_api_errors",
+            "SPIFFE Workload API errors and reconnects, by kind",
+            m.workload_api_errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -162,6 +174,15 @@ impl Metrics {
         self.peer_refusals
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A Workload API error or reconnect of this kind.
+    pub fn workload_api_error(&self, kind: &str) {
+        self.workload_api_errors
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
             })
             .inc();
     }

@@ -161,7 +161,7 @@ fn load_set(
         .fold(leaf_not_after, std::cmp::min);
 
     let verifier = SpiffeServerVerifier::new(
-        HashMap::from([(own_td, anchors)]),
+        HashMap::from([(own_td.clone(), anchors)]),
         policy.clone(),
         Arc::clone(metrics),
         &provider,
@@ -189,6 +189,7 @@ fn load_set(
             client_config: Arc::new(config),
             spiffe_id,
             not_after,
+            bundle_trust_domains: vec![own_td.clone()],
             serial_hex,
         },
         material: (cert_pem, bundle_pem),

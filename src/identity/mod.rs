@@ -19,6 +19,7 @@ pub mod files;
 pub mod policy;
 pub mod spiffe_id;
 pub mod verifier;
+pub mod workload;
 
 /// The test PKI shared with the integration tests (certificates made per test with rcgen).
 #[cfg(test)]
@@ -40,6 +41,8 @@ pub struct Identity {
     pub not_after: SystemTime,
     /// The leaf's serial number: lowercase hex of the DER INTEGER content bytes, no separators.
     pub serial_hex: String,
+    /// Trust domains whose bundles this identity can verify peers with.
+    pub bundle_trust_domains: Vec<String>,
 }
 
 /// Never prints key material.

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::encode;
 use crate::config::{BodyFormat, SinkConfig};
-use crate::identity::{Identity, IdentityWatch};
+use crate::identity::{Identity, IdentityWatch, Refusal};
 use crate::metrics::Metrics;
 use crate::pipeline::ack::AckTracker;
 use crate::pipeline::{Batch, lock};
@@ -271,7 +271,7 @@ impl Sink {
                             }
                         }
                         Err(e) => {
-                            let kind = error_kind(&e);
+                            let kind = error_kind(&e, &self.metrics);
                             self.metrics.push_finished(kind);
                             let msg = format!(
                                 "push to {} failed ({kind}): {}",
@@ -372,15 +372,43 @@ fn first_line(text: &str) -> &str {
     }
 }
 
-/// A metric label for a transport error.
-fn error_kind(e: &reqwest::Error) -> &'static str {
+/// A metric label for a transport error. Peer refusals found by spiffe-rustls (Workload API
+/// mode) are counted here; the files-mode verifier and the policy authorizer count their own.
+fn error_kind(e: &reqwest::Error, metrics: &Metrics) -> &'static str {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = src {
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return match tls {
-                rustls::Error::InvalidCertificate(_) => "peer_refused",
-                _ => "tls",
-            };
+            if Refusal::find_in(err).is_some() {
+                return "peer_refused";
+            }
+            match tls {
+                rustls::Error::InvalidCertificate(cert) => {
+                    metrics.peer_refused(match cert {
+                        rustls::CertificateError::Expired
+                        | rustls::CertificateError::ExpiredContext { .. } => "expired",
+                        rustls::CertificateError::NotValidYet
+                        | rustls::CertificateError::NotValidYetContext { .. } => "not_yet_valid",
+                        _ => "untrusted_chain",
+                    });
+                    return "peer_refused";
+                }
+                rustls::Error::Other(other) => {
+                    if let Some(spiffe) = other.0.downcast_ref::<spiffe_rustls::Error>() {
+                        match spiffe {
+                            // Counted (with the policy's reason) by the authorizer.
+                            spiffe_rustls::Error::UnauthorizedSpiffeId(_) => {}
+                            spiffe_rustls::Error::TrustDomainNotAllowed(_) => {
+                                metrics.peer_refused("trust_domain_not_allowed")
+                            }
+                            spiffe_rustls::Error::NoBundle(_) => metrics.peer_refused("no_bundle"),
+                            _ => metrics.peer_refused("invalid_svid"),
+                        }
+                        return "peer_refused";
+                    }
+                    return "tls";
+                }
+                _ => return "tls",
+            }
         }
         src = match err.downcast_ref::<std::io::Error>() {
             // io::Error::source skips the wrapped error itself; look inside.

@@ -11,6 +11,8 @@ mod identity;
 mod pki_profile;
 mod receiver_selftest;
 mod sink;
+mod spire;
+mod workload_faults;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

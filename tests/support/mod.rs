@@ -3,4 +3,6 @@
 
 pub mod pki;
 pub mod receiver;
+pub mod spire;
+pub mod workload_api;
 pub mod ztail;

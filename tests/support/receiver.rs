@@ -71,6 +71,9 @@ pub struct ReceiverOpts {
     pub port: u16,
     /// Loki's request validation limits.
     pub limits: Limits,
+    /// A ready server config (e.g. `spiffe_rustls::mtls_server` over a live SPIRE source) used
+    /// instead of the PEM fields, which are then ignored.
+    pub server_config: Option<Arc<ServerConfig>>,
 }
 
 /// Loki's per-tenant validation limits (reference `loki-push-api.md` §5, §7). A limit set to
@@ -218,6 +221,16 @@ impl ReceiverOpts {
             client_ca_pem: client_ca_pem.to_owned(),
             port: 0,
             limits: Limits::default(),
+            server_config: None,
+        }
+    }
+
+    /// Serve with a ready rustls server config (it must require and verify client
+    /// certificates); random port; Loki's default limits.
+    pub fn with_server_config(config: Arc<ServerConfig>) -> ReceiverOpts {
+        ReceiverOpts {
+            server_config: Some(config),
+            ..ReceiverOpts::from_pem("", "", "")
         }
     }
 
@@ -278,7 +291,11 @@ impl Receiver {
     /// Binds `127.0.0.1:<opts.port>` and starts serving. Panics (with the reason) on bad key
     /// material or a failed bind.
     pub async fn start(opts: ReceiverOpts) -> Receiver {
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(&opts)));
+        let config = match &opts.server_config {
+            Some(c) => c.clone(),
+            None => Arc::new(server_config(&opts)),
+        };
+        let acceptor = TlsAcceptor::from(config);
         let listener = bind(opts.port).unwrap_or_else(|e| {
             panic!("receiver: cannot bind 127.0.0.1:{}: {e}", opts.port);
         });
