@@ -45,6 +45,9 @@ pub struct IdentityStatus {
     pub serial: String,
     pub not_after_unix: i64,
     pub expires_in_secs: i64,
+    pub bundle_trust_domains: Vec<String>,
+    /// Identities published since start (the first one and every rotation or bundle update).
+    pub updates: u64,
 }
 
 #[derive(Serialize)]
@@ -157,6 +160,8 @@ impl Admin {
                 serial: id.serial_hex.clone(),
                 not_after_unix: not_after,
                 expires_in_secs: not_after - now,
+                bundle_trust_domains: id.bundle_trust_domains.clone(),
+                updates: self.metrics.identity_reloads.get(),
             }
         });
         let st = &self.sink.state;

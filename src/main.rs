@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use ztail::config::{Config, IdentityConfig, LogFormat};
 
+mod status;
+
 #[derive(Parser)]
 #[command(
     name = "ztail",
@@ -33,6 +35,15 @@ enum Command {
         #[arg(value_name = "FILE", conflicts_with = "config")]
         file: Option<PathBuf>,
     },
+    /// Show a running ztail's state: identity, sink, files (reads its admin endpoint).
+    Status {
+        /// The config of the running ztail (for its admin address).
+        #[arg(short, long, value_name = "FILE", conflicts_with = "addr")]
+        config: Option<PathBuf>,
+        /// The admin address, if not from a config.
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9311")]
+        addr: std::net::SocketAddr,
+    },
     /// Print the version.
     Version,
 }
@@ -49,6 +60,25 @@ fn main() -> ExitCode {
             check(&path)
         }
         Command::Run { config } => run(&config),
+        Command::Status { config, addr } => {
+            let addr = match config {
+                Some(path) => match load(&path) {
+                    Ok(c) => c.admin.listen,
+                    Err(code) => return code,
+                },
+                None => addr,
+            };
+            match status::show(addr) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ztail: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -107,3 +107,43 @@ fn a_key_that_does_not_match_the_certificate_is_a_check_error() {
         "names the file: {out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_identity_sink_and_files_of_a_running_ztail() {
+    use crate::support::ztail::{LOKI_ID, Ztail, append_lines};
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    let log = env.path("logs/app.log");
+    append_lines(&log, "st", 0..10);
+    assert!(rx.wait_for(|e| e.len() >= 10, crate::WAIT).await);
+    let mut out = String::new();
+    // The committed offset reaches the file size once the checkpointer has seen the ack.
+    for _ in 0..100 {
+        let o = Command::new(env!("CARGO_BIN_EXE_ztail"))
+            .args(["status", "--addr", &zt.admin.to_string()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out = String::from_utf8_lossy(&o.stdout).into_owned();
+        if out.contains("  READY\n") && out.contains(" 0B  ") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(out.contains("  READY\n"), "{out}");
+    assert!(
+        out.contains("identity  spiffe://example.org/ztail"),
+        "{out}"
+    );
+    assert!(out.contains(&log.display().to_string()), "{out}");
+    assert!(out.contains("sink      ok"), "{out}");
+
+    // A ztail that is not there gives a clear error, not a stack trace.
+    let o = Command::new(env!("CARGO_BIN_EXE_ztail"))
+        .args(["status", "--addr", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is ztail running"));
+}

@@ -1,0 +1,216 @@
+//! `ztail status`: fetches `/status` from a running ztail's admin endpoint and renders it for a
+//! terminal.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::Value;
+
+/// Fetches and renders the status of the ztail whose admin endpoint is at `addr`.
+pub fn show(addr: SocketAddr) -> anyhow::Result<String> {
+    let body = fetch(addr).with_context(|| {
+        format!("cannot read the admin endpoint at {addr}: is ztail running with admin.listen = \"{addr}\"?")
+    })?;
+    let status: Value = serde_json::from_str(&body)
+        .context("the admin endpoint answered something other than ztail's status JSON")?;
+    Ok(render(&status, unix_now()))
+}
+
+fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "unexpected answer: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_owned())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Renders the status JSON; pure, so it is unit-tested.
+pub fn render(s: &Value, now: i64) -> String {
+    let mut out = String::new();
+    let ready = if s["ready"].as_bool() == Some(true) {
+        "READY"
+    } else {
+        "NOT READY"
+    };
+    let _ = writeln!(
+        out,
+        "ztail {}  {ready}",
+        s["version"].as_str().unwrap_or("?")
+    );
+
+    match s["identity"].as_object() {
+        Some(id) => {
+            let left = id
+                .get("expires_in_secs")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            let bundles: Vec<&str> = id
+                .get("bundle_trust_domains")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "identity  {}  serial {}  expires in {}  bundles [{}]  updates {}",
+                id.get("spiffe_id").and_then(Value::as_str).unwrap_or("?"),
+                short(id.get("serial").and_then(Value::as_str).unwrap_or("?")),
+                duration(left),
+                bundles.join(", "),
+                id.get("updates").and_then(Value::as_u64).unwrap_or(0),
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "identity  none: waiting for an SVID (nothing is sent meanwhile)"
+            );
+        }
+    }
+
+    let sink = &s["sink"];
+    let last_ok = sink["last_success_unix"].as_i64().unwrap_or(0);
+    let since = if last_ok > 0 {
+        format!("{} ago", duration(now - last_ok))
+    } else {
+        "never".into()
+    };
+    let state = if sink["failing"].as_bool() == Some(true) {
+        "FAILING"
+    } else {
+        "ok"
+    };
+    let _ = writeln!(
+        out,
+        "sink      {state}  last success {since}  requests ok {}  failures in a row {}",
+        sink["requests_ok"].as_u64().unwrap_or(0),
+        sink["consecutive_failures"].as_u64().unwrap_or(0)
+    );
+    if let Some(err) = sink["last_error"].as_str() {
+        let _ = writeln!(out, "          last error: {err}");
+    }
+
+    let files = s["files"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "files     {}", files.len());
+    if !files.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<8} {:>10} {:>10} {:>10}  PATH",
+            "STATE", "SIZE", "COMMITTED", "LAG"
+        );
+        for f in &files {
+            let mut state = f["state"].as_str().unwrap_or("?").to_owned();
+            if f["deleted"].as_bool() == Some(true) {
+                state.push('*');
+            }
+            let _ = writeln!(
+                out,
+                "  {:<8} {:>10} {:>10} {:>10}  {}",
+                state,
+                bytes(f["size"].as_u64().unwrap_or(0)),
+                bytes(f["committed_offset"].as_u64().unwrap_or(0)),
+                bytes(f["lag_bytes"].as_u64().unwrap_or(0)),
+                f["path"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    out
+}
+
+fn short(serial: &str) -> String {
+    if serial.len() > 12 {
+        format!("{}…", &serial[..12])
+    } else {
+        serial.to_owned()
+    }
+}
+
+fn duration(secs: i64) -> String {
+    if secs < 0 {
+        return format!("-{}", duration(-secs));
+    }
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m{}s", secs / 60, secs % 60),
+        _ => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_identity_sink_and_files() {
+        let status = serde_json::json!({
+            "version": "0.1.0",
+            "ready": true,
+            "identity": {"spiffe_id": "spiffe://example.org/ztail", "serial": "0123456789abcdef0123",
+                         "not_after_unix": 1100, "expires_in_secs": 45,
+                         "bundle_trust_domains": ["example.org"], "updates": 3},
+            "sink": {"failing": false, "consecutive_failures": 0, "last_error": null,
+                     "last_success_unix": 998, "requests_ok": 12},
+            "files": [{"path": "/var/log/a.log", "source": "app", "state": "active", "deleted": false,
+                       "size": 2048, "read_offset": 2048, "committed_offset": 1024, "lag_bytes": 1024}]
+        });
+        let text = render(&status, 1000);
+        assert!(text.starts_with("ztail 0.1.0  READY\n"), "{text}");
+        assert!(text.contains("spiffe://example.org/ztail  serial 0123456789ab…  expires in 45s  bundles [example.org]  updates 3"), "{text}");
+        assert!(
+            text.contains("sink      ok  last success 2s ago  requests ok 12"),
+            "{text}"
+        );
+        assert!(
+            text.contains("active      2.0KiB     1.0KiB     1.0KiB  /var/log/a.log"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_a_missing_identity_and_a_failing_sink() {
+        let status = serde_json::json!({
+            "version": "0.1.0", "ready": false, "identity": null,
+            "sink": {"failing": true, "consecutive_failures": 4, "last_error": "Loki answered 503",
+                     "last_success_unix": 0, "requests_ok": 0},
+            "files": []
+        });
+        let text = render(&status, 1000);
+        assert!(text.contains("NOT READY"));
+        assert!(text.contains("identity  none: waiting for an SVID"));
+        assert!(text.contains("sink      FAILING  last success never"));
+        assert!(text.contains("last error: Loki answered 503"));
+    }
+}
