@@ -526,15 +526,12 @@ impl Validator<'_> {
                         )
                     })?,
                 };
-                let path_ok = endpoint
-                    .strip_prefix("unix://")
-                    .is_some_and(|p| p.starts_with('/'));
-                if !path_ok && !endpoint.starts_with("tcp://") {
-                    return Err(self.err(
+                let endpoint = self.workload_endpoint(&endpoint).ok_or_else(|| {
+                    self.err(
                         "identity.socket",
-                        format!("invalid Workload API address {endpoint:?}: expected unix:///absolute/path.sock or tcp://ip:port"),
-                    ));
-                }
+                        format!("invalid Workload API address {endpoint:?}: expected unix:///absolute/path.sock, unix:relative/path.sock (relative to this file) or tcp://ip:port"),
+                    )
+                })?;
                 if hint.as_deref() == Some("") {
                     return Err(self.err(
                         "identity.hint",
@@ -740,6 +737,24 @@ impl Validator<'_> {
         })
     }
 
+    /// A Workload API address in the `unix:///abs` or `tcp://ip:port` form the spiffe crate
+    /// takes; `unix:relative/path` is resolved against the config file's directory.
+    fn workload_endpoint(&self, endpoint: &str) -> Option<String> {
+        if let Some(rest) = endpoint.strip_prefix("tcp://") {
+            return rest
+                .parse::<std::net::SocketAddr>()
+                .is_ok()
+                .then(|| endpoint.to_owned());
+        }
+        let path = endpoint
+            .strip_prefix("unix://")
+            .or_else(|| endpoint.strip_prefix("unix:"))?;
+        if path.is_empty() || (endpoint.starts_with("unix://") && !path.starts_with('/')) {
+            return None;
+        }
+        Some(format!("unix://{}", self.path(Path::new(path)).display()))
+    }
+
     fn positive(&self, key: &str, d: Duration) -> Result<Duration, ConfigError> {
         if d.is_zero() {
             return Err(self.err(key, "must be above zero"));
@@ -877,6 +892,46 @@ labels = { job = "app" }
     fn syntax_errors_carry_a_line_number() {
         let msg = error_of("state_dir = \"x\"\n[sink\n");
         assert!(msg.starts_with("/etc/ztail/ztail.toml:2: "), "{msg}");
+    }
+
+    #[test]
+    fn workload_api_addresses_are_normalised() {
+        let spiffe = |socket: &str| {
+            GOOD.replace(
+                "source = \"files\"\ncert = \"certs/ztail.crt\"\nkey = \"certs/ztail.key\"\nbundle = \"certs/ca.crt\"",
+                &format!("source = \"spiffe\"\nsocket = \"{socket}\"\nhint = \"ztail\""),
+            )
+        };
+        let endpoint = |socket: &str| match parse(&spiffe(socket)).map(|c| c.identity) {
+            Ok(IdentityConfig::Spiffe(w)) => Ok(w.endpoint),
+            Ok(_) => panic!("not spiffe"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(
+            endpoint("unix:///run/spire/api.sock").unwrap(),
+            "unix:///run/spire/api.sock"
+        );
+        assert_eq!(
+            endpoint("unix:/run/spire/api.sock").unwrap(),
+            "unix:///run/spire/api.sock"
+        );
+        assert_eq!(
+            endpoint("unix:.demo/api.sock").unwrap(),
+            "unix:///etc/ztail/.demo/api.sock"
+        );
+        assert_eq!(
+            endpoint("tcp://127.0.0.1:8081").unwrap(),
+            "tcp://127.0.0.1:8081"
+        );
+        for bad in [
+            "unix://relative/api.sock",
+            "tcp://localhost:1",
+            "http://x",
+            "unix:",
+        ] {
+            let e = endpoint(bad).expect_err(bad);
+            assert!(e.contains("identity.socket"), "{e}");
+        }
     }
 
     #[test]

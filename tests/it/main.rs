@@ -7,6 +7,9 @@ mod support;
 
 mod check;
 mod delivery;
+mod demo;
+mod deploy;
+mod e2e;
 mod identity;
 mod pki_profile;
 mod receiver_selftest;

@@ -4,5 +4,6 @@
 pub mod pki;
 pub mod receiver;
 pub mod spire;
+pub mod store;
 pub mod workload_api;
 pub mod ztail;

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 pub const TRUST_DOMAIN: &str = "example.org";
 const PARENT_ID: &str = "spiffe://example.org/host";
 
-/// Where the SPIRE binaries are: `$ZTAIL_SPIRE_BIN` (set by `scripts/test`), else built or
+/// Where the SPIRE binaries are: `$ZTAIL_TOOLS_BIN` (set by `scripts/test`), else built or
 /// reused by `scripts/tools` once per test binary.
 pub fn bin_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        if let Ok(dir) = std::env::var("ZTAIL_SPIRE_BIN") {
+        if let Ok(dir) = std::env::var("ZTAIL_TOOLS_BIN") {
             return PathBuf::from(dir);
         }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tools");

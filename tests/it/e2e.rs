@@ -1,0 +1,99 @@
+//! End to end with real components only: SPIRE issues the SVIDs, ztail ships over mutual TLS to
+//! `ztail-terminator`, which forwards to VictoriaLogs, an independent implementation of Loki's
+//! push protocol; assertions query VictoriaLogs.
+
+use std::time::{Duration, Instant};
+
+use crate::support::spire::Spire;
+use crate::support::store::{Terminator, VictoriaLogs};
+use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail};
+
+fn spiffe_config(env: &Env, url: &str, spire: &Spire, job: &str, body: &str) -> String {
+    let files = "source = \"files\"\ncert = \"certs/ztail.crt\"\nkey = \"certs/ztail.key\"\nbundle = \"certs/ca.crt\"";
+    env.config(&format!("{url}/insert"), &format!("body = \"{body}\""), "")
+        .replace(
+            files,
+            &format!(
+                "source = \"spiffe\"\nsocket = \"{}\"\nhint = \"ztail\"",
+                spire.endpoint()
+            ),
+        )
+        .replace("job = \"app\"", &format!("job = \"{job}\""))
+}
+
+const LINES: [&str; 5] = [
+    "2026-11-26T06:00:00Z INFO [api] request served path=/orders status=200 took=3ms",
+    "quotes \" and backslashes \\ survive",
+    "unicode: grüße ✓ 日本",
+    "{\"level\":\"warn\",\"msg\":\"json stays a line\"}",
+    "level=error msg=\"logfmt too\" code=42",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_formats() {
+    let spire = Spire::start(true);
+    spire.create_entry(LOKI_ID, "loki", 600);
+    spire.create_entry(ZTAIL_ID, "ztail", 60);
+    let vl = VictoriaLogs::start().await;
+    let term = Terminator::start(&spire, "loki", ZTAIL_ID, vl.addr).await;
+
+    for body in ["protobuf", "json"] {
+        let env = Env::new();
+        let job = format!("e2e-{body}");
+        let zt = Ztail::start(&env, &spiffe_config(&env, &term.url(), &spire, &job, body));
+        let log = env.path("logs/app.log");
+        std::fs::write(
+            &log,
+            LINES.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        let got = vl
+            .wait_for(&format!("job:={job}"), LINES.len(), Duration::from_secs(90))
+            .await;
+        assert_eq!(
+            got.len(),
+            LINES.len(),
+            "{body}: {got:?}\nztail log:\n{}",
+            zt.log()
+        );
+        let msgs: Vec<&str> = got.iter().map(|e| e["_msg"].as_str().unwrap()).collect();
+        assert_eq!(msgs, LINES, "{body}: exact text, in order");
+        for e in &got {
+            assert_eq!(e["job"], job.as_str(), "{body}: job label");
+            assert_eq!(
+                e["filename"],
+                log.display().to_string().as_str(),
+                "{body}: filename label"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminator_with_a_disallowed_id_receives_nothing() {
+    let spire = Spire::start(true);
+    spire.create_entry("spiffe://example.org/loki-evil", "evil", 600);
+    spire.create_entry(ZTAIL_ID, "ztail", 60);
+    let vl = VictoriaLogs::start().await;
+    let term = Terminator::start(&spire, "evil", ZTAIL_ID, vl.addr).await;
+    let env = Env::new();
+    let zt = Ztail::start(
+        &env,
+        &spiffe_config(&env, &term.url(), &spire, "e2e-evil", "protobuf"),
+    );
+    std::fs::write(env.path("logs/app.log"), "secret line\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while zt
+        .metric("ztail_peer_refusals_total{reason=\"id_not_allowed\"}")
+        .await
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no refusal; log:\n{}", zt.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        vl.query("*").await.is_empty(),
+        "the store must receive nothing through a refused terminator"
+    );
+}
