@@ -28,6 +28,7 @@ pub struct Admin {
     pub tailer: Arc<Tailer>,
     pub sink: Arc<Sink>,
     pub identity: IdentityWatch,
+    pub probes: Arc<crate::probe::ProbeStatus>,
 }
 
 #[derive(Serialize)]
@@ -37,6 +38,7 @@ pub struct Status {
     pub identity: Option<IdentityStatus>,
     pub sink: SinkStatus,
     pub files: Vec<FileStatus>,
+    pub probes: Vec<crate::probe::ProbeResult>,
 }
 
 #[derive(Serialize)]
@@ -177,6 +179,7 @@ impl Admin {
                 requests_ok: st.requests_ok.load(Ordering::Relaxed),
             },
             files: self.tailer.files().iter().map(|f| f.status()).collect(),
+            probes: self.probes.results(),
         }
     }
 }

@@ -81,6 +81,7 @@ pub struct Config {
     pub sink: SinkConfig,
     pub sources: Vec<SourceConfig>,
     pub tail: TailConfig,
+    pub probes: Vec<crate::probe::ProbeConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -203,7 +204,10 @@ struct RawConfig {
     tail: RawTail,
     #[serde(default = "default_true")]
     host_label: bool,
+    #[serde(default)]
     sources: Vec<RawSource>,
+    #[serde(default)]
+    probes: Vec<crate::probe::RawProbe>,
 }
 
 #[derive(Deserialize)]
@@ -439,7 +443,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 // humantime-serde is a one-function crate; this is it, with a message that shows the format.
-mod humantime_serde {
+pub(crate) mod humantime_serde {
     use std::time::Duration;
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -553,8 +557,11 @@ impl Validator<'_> {
                 64 << 20,
             )?,
         };
-        if raw.sources.is_empty() {
-            return Err(self.err("sources", "at least one [[sources]] table is required"));
+        if raw.sources.is_empty() && raw.probes.is_empty() {
+            return Err(self.err(
+                "sources",
+                "nothing to ship: add a [[sources]] or a [[probes]] table",
+            ));
         }
         let mut names = HashSet::new();
         let mut sources = Vec::with_capacity(raw.sources.len());
@@ -568,9 +575,25 @@ impl Validator<'_> {
             }
             sources.push(self.source(&key, s, raw.host_label)?);
         }
+        let state_dir = self.path(&raw.state_dir);
+        let mut probes = Vec::with_capacity(raw.probes.len());
+        for (i, p) in raw.probes.into_iter().enumerate() {
+            let key = format!("probes[{i}]");
+            if !names.insert(format!("probe:{}", p.name)) {
+                return Err(self.err(
+                    format!("{key}.name"),
+                    format!("duplicate probe name {:?}", p.name),
+                ));
+            }
+            let probe = crate::probe::ProbeConfig::validate(p, &|rel| self.path(rel))
+                .map_err(|(field, reason)| self.err(format!("{key}{field}"), reason))?;
+            sources.push(probe.spool_source(&state_dir, raw.host_label));
+            probes.push(probe);
+        }
         Ok(Config {
             file: self.file.to_owned(),
-            state_dir: self.path(&raw.state_dir),
+            state_dir,
+            probes,
             log: LogConfig {
                 format: raw.log.format,
                 level: raw.log.level,

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod loki;
 pub mod metrics;
 pub mod pipeline;
+pub mod probe;
 pub mod tail;
 
 use std::sync::Arc;
@@ -61,6 +62,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics.clone(),
         tracker.clone(),
     ));
+    // Probes spool into the state directory; their spools are sources of the tailer.
+    let probes = probe::spawn(
+        config.probes,
+        &config.state_dir,
+        identity.clone(),
+        metrics.clone(),
+        background.clone(),
+    )?;
     let reading = CancellationToken::new();
     let tailer = Tailer::new(
         config.sources,
@@ -74,6 +83,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tailer: tailer.clone(),
         sink: sink.clone(),
         identity,
+        probes,
     };
     let admin_addr = admin.bind(config.admin.listen, background.clone()).await?;
     tracing::info!(admin = %admin_addr, loki = %config.sink.url, "ztail started");
@@ -110,8 +120,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "shutdown timeout reached with batches unacknowledged; they will be read and sent again after the restart"
         );
         sink.stop();
-        let _ = tailing.await;
-        let _ = batcher.await;
+        // A JoinHandle must not be awaited again once the timed-out future saw it complete.
+        if !tailing.is_finished() {
+            let _ = tailing.await;
+        }
+        if !batcher.is_finished() {
+            let _ = batcher.await;
+        }
         sink.drain().await;
     }
     let _ = sink_done.send(());

@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -22,6 +23,17 @@ pub struct StatusLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabel {
+    pub probe: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeKindLabel {
+    pub probe: String,
     pub kind: String,
 }
 
@@ -52,6 +64,10 @@ pub struct Metrics {
     pub checkpoint_write_errors: Counter,
     pub in_flight_requests: Gauge,
     pub workload_api_errors: Family<KindLabel, Counter>,
+    pub probe_up: Family<ProbeLabel, Gauge>,
+    pub probe_latency: Family<ProbeLabel, Histogram>,
+    pub probe_attempts: Family<ProbeLabel, Counter>,
+    pub probe_failures: Family<ProbeKindLabel, Counter>,
 }
 
 impl Metrics {
@@ -77,6 +93,13 @@ impl Metrics {
             checkpoint_write_errors: Counter::default(),
             in_flight_requests: Gauge::default(),
             workload_api_errors: Family::default(),
+            probe_up: Family::default(),
+            probe_latency: Family::new_with_constructor(|| {
+                // 0.5 ms to about 16 s.
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            probe_attempts: Family::default(),
+            probe_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register("lines_read", "Lines read from files", m.lines_read.clone());
@@ -166,6 +189,22 @@ impl Metrics {
             "SPIFFE Workload API errors and reconnects, by kind",
             m.workload_api_errors.clone(),
         );
+        registry.register(
+            "probe_up",
+            "1 if the probe's last run succeeded",
+            m.probe_up.clone(),
+        );
+        registry.register(
+            "probe_latency_seconds",
+            "Latency of the successful or last attempt of each probe run",
+            m.probe_latency.clone(),
+        );
+        registry.register("probe_attempts", "Probe attempts", m.probe_attempts.clone());
+        registry.register(
+            "probe_failures",
+            "Failed probe runs by error kind",
+            m.probe_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -176,6 +215,35 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// A probe run finished.
+    pub fn probe_finished(
+        &self,
+        probe: &str,
+        ok: bool,
+        attempts: u32,
+        latency_secs: f64,
+        error: Option<&str>,
+    ) {
+        let label = ProbeLabel {
+            probe: probe.to_owned(),
+        };
+        self.probe_up.get_or_create(&label).set(ok as i64);
+        self.probe_latency
+            .get_or_create(&label)
+            .observe(latency_secs);
+        self.probe_attempts
+            .get_or_create(&label)
+            .inc_by(attempts as u64);
+        if let Some(kind) = error {
+            self.probe_failures
+                .get_or_create(&ProbeKindLabel {
+                    probe: probe.to_owned(),
+                    kind: kind.to_owned(),
+                })
+                .inc();
+        }
     }
 
     /// A Workload API error or reconnect of this kind.

@@ -132,6 +132,36 @@ pub fn render(s: &Value, now: i64) -> String {
             );
         }
     }
+    let probes = s["probes"].as_array().cloned().unwrap_or_default();
+    if !probes.is_empty() {
+        let _ = writeln!(out, "probes    {}", probes.len());
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<5} {:>9} {:>8}  {:<16} TARGET",
+            "NAME", "UP", "LATENCY", "ATTEMPTS", "LAST"
+        );
+        for p in &probes {
+            let ok = p["ok"].as_bool() == Some(true);
+            let last = if ok {
+                p["status"]
+                    .as_u64()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "ok".into())
+            } else {
+                p["error"].as_str().unwrap_or("?").to_owned()
+            };
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<5} {:>7.1}ms {:>8}  {:<16} {}",
+                p["probe"].as_str().unwrap_or("?"),
+                if ok { "up" } else { "DOWN" },
+                p["latency_ms"].as_f64().unwrap_or(0.0),
+                p["attempts"].as_u64().unwrap_or(0),
+                last,
+                p["target"].as_str().unwrap_or("?"),
+            );
+        }
+    }
     out
 }
 

@@ -160,33 +160,25 @@ fn load_set(
         .filter_map(|der| validity(der).map(|(_, not_after)| not_after))
         .fold(leaf_not_after, std::cmp::min);
 
-    let verifier = SpiffeServerVerifier::new(
-        HashMap::from([(own_td.clone(), anchors)]),
-        policy.clone(),
-        Arc::clone(metrics),
-        &provider,
-    );
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .context("building the TLS client configuration")?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(chain, key)
-        .with_context(|| {
-            format!(
-                "using the certificate in {} with the key in {}",
-                cfg.cert.display(),
-                cfg.key.display()
-            )
-        })?;
-    // A resumed session skips certificate checks, so it could outlive a short-lived SVID.
-    config.resumption = rustls::client::Resumption::disabled();
-    // Loki is identified by its SPIFFE ID, not by a host name.
-    config.enable_sni = false;
+    let build = {
+        let (chain, key, metrics) = (chain.clone(), key.clone_key(), Arc::clone(metrics));
+        let bundles = HashMap::from([(own_td.clone(), anchors)]);
+        move |policy: &PeerPolicy| -> Result<ClientConfig, String> {
+            client_config(&chain, key.clone_key(), &bundles, policy, &metrics)
+        }
+    };
+    let config = build(policy).map_err(|e| {
+        anyhow::anyhow!(
+            "using the certificate in {} with the key in {}: {e}",
+            cfg.cert.display(),
+            cfg.key.display()
+        )
+    })?;
 
     Ok(Loaded {
         identity: Identity {
             client_config: Arc::new(config),
+            tls_for: Arc::new(build),
             spiffe_id,
             not_after,
             bundle_trust_domains: vec![own_td.clone()],
@@ -195,6 +187,35 @@ fn load_set(
         material: (cert_pem, bundle_pem),
         not_before,
     })
+}
+
+/// A client config presenting this SVID and verifying peers against `bundles` and `policy`.
+fn client_config(
+    chain: &[CertificateDer<'static>],
+    key: PrivateKeyDer<'static>,
+    bundles: &HashMap<String, Vec<TrustAnchor<'static>>>,
+    policy: &PeerPolicy,
+    metrics: &Arc<Metrics>,
+) -> Result<ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = SpiffeServerVerifier::new(
+        bundles.clone(),
+        policy.clone(),
+        Arc::clone(metrics),
+        &provider,
+    );
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain.to_vec(), key)
+        .map_err(|e| e.to_string())?;
+    // A resumed session skips certificate checks, so it could outlive a short-lived SVID.
+    config.resumption = rustls::client::Resumption::disabled();
+    // Peers are identified by their SPIFFE ID, not by a host name.
+    config.enable_sni = false;
+    Ok(config)
 }
 
 fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {

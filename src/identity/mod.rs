@@ -43,7 +43,13 @@ pub struct Identity {
     pub serial_hex: String,
     /// Trust domains whose bundles this identity can verify peers with.
     pub bundle_trust_domains: Vec<String>,
+    /// Builds a client config with the same SVID and bundles for another peer policy (probes).
+    pub tls_for: TlsFactory,
 }
+
+/// See [`Identity::tls_for`].
+pub type TlsFactory =
+    Arc<dyn Fn(&PeerPolicy) -> Result<rustls::ClientConfig, String> + Send + Sync>;
 
 /// Never prints key material.
 impl fmt::Debug for Identity {

@@ -204,24 +204,18 @@ impl Supervisor {
                 "SVID {spiffe_id} (serial {serial_hex}) has expired or is about to"
             ));
         }
-        let allowed: BTreeSet<TrustDomain> = self
-            .policy
-            .trust_domains()
-            .filter_map(|td| TrustDomain::new(td).ok())
-            .collect();
-        let policy = self.policy.clone();
-        let metrics = self.metrics.clone();
-        let config = spiffe_rustls::mtls_client(source.clone())
-            .authorize(move |peer: &spiffe::SpiffeId| authorize(&policy, &metrics, peer))
-            .trust_domain_policy(TrustDomainPolicy::AllowList(allowed))
-            .build()
-            .map_err(|e| format!("cannot build the TLS client config: {e}"))?;
+        let tls_for: super::TlsFactory = {
+            let (source, metrics) = (source.clone(), self.metrics.clone());
+            Arc::new(move |policy: &PeerPolicy| client_config(&source, policy, &metrics))
+        };
+        let config = tls_for(&self.policy)?;
         let bundle_trust_domains = source
             .bundle_set()
             .map(|set| set.iter().map(|(td, _)| td.to_string()).collect())
             .unwrap_or_default();
         Ok(Identity {
             client_config: Arc::new(config),
+            tls_for,
             spiffe_id,
             not_after,
             serial_hex,
@@ -255,6 +249,25 @@ impl Supervisor {
             self.tx.send_replace(None);
         }
     }
+}
+
+/// A spiffe-rustls client config over the live source, authorizing peers with `policy` and
+/// accepting only the trust domains it names.
+fn client_config(
+    source: &X509Source,
+    policy: &PeerPolicy,
+    metrics: &Arc<Metrics>,
+) -> Result<rustls::ClientConfig, String> {
+    let allowed: BTreeSet<TrustDomain> = policy
+        .trust_domains()
+        .filter_map(|td| TrustDomain::new(td).ok())
+        .collect();
+    let (policy, metrics) = (policy.clone(), metrics.clone());
+    spiffe_rustls::mtls_client(source.clone())
+        .authorize(move |peer: &spiffe::SpiffeId| authorize(&policy, &metrics, peer))
+        .trust_domain_policy(TrustDomainPolicy::AllowList(allowed))
+        .build()
+        .map_err(|e| format!("cannot build the TLS client config: {e}"))
 }
 
 /// The agent took the identity away (entry deleted: PermissionDenied) or the source is gone, as

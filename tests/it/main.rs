@@ -12,6 +12,7 @@ mod deploy;
 mod e2e;
 mod identity;
 mod pki_profile;
+mod probes;
 mod receiver_selftest;
 mod sink;
 mod spire;

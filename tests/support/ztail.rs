@@ -155,6 +155,11 @@ impl Ztail {
         *self = Ztail::start_with(&self.config_path.clone(), port);
     }
 
+    /// The pid, or None after `kill`/`terminate`.
+    pub fn pid_if_running(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
