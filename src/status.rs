@@ -224,7 +224,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("active      2.0KiB     1.0KiB     1.0KiB  /var/log/a.log"),
+            text.contains("active       2.0KiB     1.0KiB     1.0KiB  /var/log/a.log"),
             "{text}"
         );
     }
