@@ -6,18 +6,11 @@ use std::time::{Duration, Instant};
 
 use crate::support::spire::Spire;
 use crate::support::store::{Terminator, VictoriaLogs};
-use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail};
+use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, with_workload_api};
 
 fn spiffe_config(env: &Env, url: &str, spire: &Spire, job: &str, body: &str) -> String {
-    let files = "source = \"files\"\ncert = \"certs/ztail.crt\"\nkey = \"certs/ztail.key\"\nbundle = \"certs/ca.crt\"";
-    env.config(&format!("{url}/insert"), &format!("body = \"{body}\""), "")
-        .replace(
-            files,
-            &format!(
-                "source = \"spiffe\"\nsocket = \"{}\"\nhint = \"ztail\"",
-                spire.endpoint()
-            ),
-        )
+    let config = env.config(&format!("{url}/insert"), &format!("body = \"{body}\""), "");
+    with_workload_api(&config, &spire.endpoint(), Some("ztail"))
         .replace("job = \"app\"", &format!("job = \"{job}\""))
 }
 

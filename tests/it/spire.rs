@@ -11,7 +11,9 @@ use spiffe::x509_source::SvidPicker;
 
 use crate::support::receiver::{Receiver, ReceiverOpts};
 use crate::support::spire::Spire;
-use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_lines};
+use crate::support::ztail::{
+    Env, LOKI_ID, ZTAIL_ID, Ztail, append_lines, free_port, with_workload_api,
+};
 use crate::{WAIT, expected, lines_by_file};
 
 struct Hint(&'static str);
@@ -45,21 +47,7 @@ async fn spire_receiver(spire: &Spire, hint: &'static str, port: u16) -> (Receiv
 }
 
 fn spiffe_config(env: &Env, url: &str, endpoint: &str) -> String {
-    let files = "source = \"files\"\ncert = \"certs/ztail.crt\"\nkey = \"certs/ztail.key\"\nbundle = \"certs/ca.crt\"";
-    let config = env.config(url, "", "");
-    assert!(config.contains(files));
-    config.replace(
-        files,
-        &format!("source = \"spiffe\"\nsocket = \"{endpoint}\"\nhint = \"ztail\""),
-    )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    with_workload_api(&env.config(url, "", ""), endpoint, Some("ztail"))
 }
 
 async fn status_serial(zt: &Ztail) -> Option<String> {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::support::pki::Ca;
 use crate::support::receiver::{Receiver, ReceiverOpts};
 use crate::support::workload_api::{StandIn, Step, X509Svid, X509SvidResponse};
-use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_lines};
+use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_lines, with_workload_api};
 use crate::{WAIT, expected, lines_by_file};
 
 fn response(svid: X509Svid) -> X509SvidResponse {
@@ -17,11 +17,7 @@ fn response(svid: X509Svid) -> X509SvidResponse {
 async fn setup(ca: &Ca, standin: &StandIn) -> (Env, Receiver, Ztail) {
     let env = Env::new();
     let rx = Receiver::start(ReceiverOpts::new(&ca.issue(LOKI_ID), ca)).await;
-    let files = "source = \"files\"\ncert = \"certs/ztail.crt\"\nkey = \"certs/ztail.key\"\nbundle = \"certs/ca.crt\"";
-    let config = env.config(&rx.url(), "", "").replace(
-        files,
-        &format!("source = \"spiffe\"\nsocket = \"{}\"", standin.endpoint()),
-    );
+    let config = with_workload_api(&env.config(&rx.url(), "", ""), &standin.endpoint(), None);
     let zt = Ztail::start(&env, &config);
     (env, rx, zt)
 }

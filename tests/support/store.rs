@@ -8,17 +8,8 @@ use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use super::spire::{Spire, bin_dir};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::ztail::{free_port, http_get};
 
 /// A running VictoriaLogs.
 pub struct VictoriaLogs {
@@ -63,33 +54,7 @@ impl VictoriaLogs {
     }
 
     async fn get(&self, path_and_query: &str) -> (u16, String) {
-        let Ok(mut s) = tokio::net::TcpStream::connect(self.addr).await else {
-            return (0, String::new());
-        };
-        let req = format!(
-            "GET {path_and_query} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        );
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return (0, String::new());
-        }
-        let mut raw = Vec::new();
-        let _ = s.read_to_end(&mut raw).await;
-        let raw = String::from_utf8_lossy(&raw).into_owned();
-        let code = raw
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or(("", ""));
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
-        (code, body)
+        http_get(self.addr, path_and_query).await
     }
 
     /// Entries matching a LogsQL query, as JSON objects (`_msg`, `_time`, `_stream` and the
@@ -223,22 +188,6 @@ fn encode(s: &str) -> String {
             }
             _ => out.push_str(&format!("%{b:02X}")),
         }
-    }
-    out
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
     }
     out
 }

@@ -84,6 +84,69 @@ labels = {{ job = "app" }}
     }
 }
 
+/// The identity block of [`Env::config`].
+const FILES_IDENTITY: &str = "source = \"files\"\ncert = \"certs/ztail.crt\"\nkey = \"certs/ztail.key\"\nbundle = \"certs/ca.crt\"";
+
+/// `config` with its identity taken from the Workload API at `endpoint` instead of PEM files.
+pub fn with_workload_api(config: &str, endpoint: &str, hint: Option<&str>) -> String {
+    assert!(
+        config.contains(FILES_IDENTITY),
+        "not a config made by Env::config"
+    );
+    let hint = hint
+        .map(|h| format!("\nhint = \"{h}\""))
+        .unwrap_or_default();
+    config.replace(
+        FILES_IDENTITY,
+        &format!("source = \"spiffe\"\nsocket = \"{endpoint}\"{hint}"),
+    )
+}
+
+/// A plain HTTP/1.1 GET: (status code, body); (0, "") if nothing answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or(("", ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (code, body)
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
 /// Appends `line-<prefix>-<n>` lines for n in `range` to a file.
 pub fn append_lines(path: &Path, prefix: &str, range: std::ops::Range<usize>) {
     let mut f = fs::OpenOptions::new()
@@ -106,7 +169,8 @@ pub struct Ztail {
     pub config_path: PathBuf,
 }
 
-fn free_port() -> u16 {
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -212,25 +276,7 @@ impl Ztail {
 
     /// GET on the admin endpoint: (status code, body). Errors while it starts give (0, "").
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let Ok(mut s) = tokio::net::TcpStream::connect(self.admin).await else {
-            return (0, String::new());
-        };
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return (0, String::new());
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out).await;
-        let code = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (code, body)
+        http_get(self.admin, path).await
     }
 
     /// The value of a metric sample line that starts with `prefix` (e.g.
