@@ -30,10 +30,16 @@ async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_fo
     let vl = VictoriaLogs::start().await;
     let term = Terminator::start(&spire, "loki", ZTAIL_ID, vl.addr).await;
 
+    // Probe results take the same path: a TCP probe of the store itself.
+    let probe = format!(
+        "\n[[probes]]\nname = \"store\"\nkind = \"tcp\"\ntarget = \"{}\"\ninterval = \"1s\"\ntimeout = \"200ms\"\n",
+        vl.addr
+    );
     for body in ["protobuf", "json"] {
         let env = Env::new();
         let job = format!("e2e-{body}");
-        let zt = Ztail::start(&env, &spiffe_config(&env, &term.url(), &spire, &job, body));
+        let config = spiffe_config(&env, &term.url(), &spire, &job, body) + &probe;
+        let zt = Ztail::start(&env, &config);
         let log = env.path("logs/app.log");
         std::fs::write(
             &log,
@@ -60,6 +66,19 @@ async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_fo
             );
         }
     }
+    let results = vl
+        .wait_for("job:=ztail-probe probe:=store", 2, Duration::from_secs(60))
+        .await;
+    assert!(
+        results.len() >= 2,
+        "probe results in the store: {results:?}"
+    );
+    let r: serde_json::Value = serde_json::from_str(results[0]["_msg"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (r["probe"].as_str(), r["ok"].as_bool()),
+        (Some("store"), Some(true)),
+        "{r}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

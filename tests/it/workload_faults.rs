@@ -10,7 +10,10 @@ use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_lines, with_wo
 use crate::{WAIT, expected, lines_by_file};
 
 fn response(svid: X509Svid) -> X509SvidResponse {
-    X509SvidResponse { svids: vec![svid] }
+    X509SvidResponse {
+        svids: vec![svid],
+        ..Default::default()
+    }
 }
 
 /// ztail configured for the stand-in, and a receiver from the same CA.
@@ -188,4 +191,61 @@ async fn an_empty_bundle_gives_no_identity() {
     let (code, body) = zt.get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(rx.request_count(), 0, "no identity, nothing sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_bundle_authenticates_another_trust_domain_only_when_the_policy_names_it() {
+    let ca = Ca::new("example.org");
+    let other = Ca::new("other.org");
+    let ztail = ca.issue(ZTAIL_ID);
+    let mut msg = response(X509Svid::from_leaf(&ztail, &ca));
+    msg.federated_bundles
+        .insert("spiffe://other.org".into(), other.cert_der.clone());
+    let remote = Receiver::start(ReceiverOpts::new(
+        &other.issue("spiffe://other.org/loki"),
+        &ca,
+    ))
+    .await;
+
+    for (allowed, delivered) in [
+        ("spiffe://example.org/loki", false),
+        ("spiffe://other.org/loki", true),
+    ] {
+        let standin = StandIn::start(vec![
+            vec![Step::Send(msg.clone())],
+            vec![Step::Send(msg.clone())],
+        ]);
+        let env = Env::new();
+        let config = with_workload_api(
+            &env.config(&remote.url(), "", ""),
+            &standin.endpoint(),
+            None,
+        )
+        .replace(
+            "allowed_ids = [\"spiffe://example.org/loki\"]",
+            &format!("allowed_ids = [\"{allowed}\"]"),
+        );
+        let zt = Ztail::start(&env, &config);
+        let log = env.path("logs/app.log");
+        append_lines(&log, allowed, 0..5);
+        if delivered {
+            assert!(
+                remote.wait_for(|e| e.len() >= 5, WAIT).await,
+                "a policy naming other.org must accept a Loki authenticated by its federated bundle; log:\n{}",
+                zt.log()
+            );
+        } else {
+            wait_metric_above(
+                &zt,
+                &["ztail_peer_refusals_total{reason=\"trust_domain_not_allowed\"}"],
+                "refusal",
+            )
+            .await;
+            assert_eq!(
+                remote.request_count(),
+                0,
+                "a bundle alone authorizes nothing"
+            );
+        }
+    }
 }

@@ -26,6 +26,9 @@ use tokio_stream::wrappers::ReceiverStream;
 pub struct X509SvidResponse {
     #[prost(message, repeated, tag = "1")]
     pub svids: Vec<X509Svid>,
+    /// Bundles of federated trust domains, keyed by `spiffe://<trust domain>`.
+    #[prost(map = "string, bytes", tag = "3")]
+    pub federated_bundles: std::collections::HashMap<String, Vec<u8>>,
 }
 
 /// `X509SVID` (workload.proto).
