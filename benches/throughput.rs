@@ -1,0 +1,369 @@
+//! Throughput harness: ships a deterministic corpus from disk with a release ztail to a counting
+//! Loki receiver in its own process over mutual TLS on loopback, and prints wall time, lines/s,
+//! MB/s, ztail's CPU seconds (user+sys) and CPU s per GiB, ztail's peak RSS and the receiver's
+//! CPU. It checks that every line arrived exactly once (count and an order-independent digest).
+//! The baseline, measured in the same run, is the inherent floor: snappy-compressing the corpus
+//! in 1 MiB blocks in one thread.
+//!
+//!   cargo bench --bench throughput -- [MB] [mixed|short|many]
+//!
+//! Under `cargo test` (debug build) it runs a 2 MB corpus only, to keep the harness working.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use support::receiver::proto::PushRequest;
+use support::ztail::{Env, LOKI_ID, Ztail};
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if args.first().map(String::as_str) == Some("--receiver") {
+        return receiver(&args[1..]);
+    }
+    let mb: usize = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(if cfg!(debug_assertions) { 2 } else { 200 });
+    let case = args.get(1).cloned().unwrap_or_else(|| "mixed".into());
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(drive(mb, &case));
+}
+
+/// FNV-1a of a line, summed over lines: equal sums and counts mean the same multiset of lines
+/// (with overwhelming probability), whatever the arrival order.
+fn digest(line: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in line {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Deterministic lines of the issue's shape: 70 % plain text, 20 % JSON, 10 % logfmt, ~206 B;
+/// or ~60 B short lines.
+fn line(rng: &mut fastrand::Rng, n: u64, short: bool) -> String {
+    const LOGGERS: [&str; 6] = ["http", "db", "auth", "cache", "payments", "scheduler"];
+    const WORDS: [&str; 12] = [
+        "request",
+        "served",
+        "user",
+        "order",
+        "retry",
+        "timeout",
+        "cache",
+        "miss",
+        "ok",
+        "queued",
+        "flushed",
+        "connection",
+    ];
+    let ts = format!(
+        "2026-11-26T06:{:02}:{:02}.{:03}Z",
+        (n / 60_000) % 60,
+        (n / 1000) % 60,
+        n % 1000
+    );
+    let logger = LOGGERS[rng.usize(..LOGGERS.len())];
+    if short {
+        return format!(
+            "{ts} INFO [{logger}] {} seq={n}",
+            WORDS[rng.usize(..WORDS.len())]
+        );
+    }
+    let words: Vec<&str> = (0..8).map(|_| WORDS[rng.usize(..WORDS.len())]).collect();
+    match rng.u8(..10) {
+        0 | 1 => format!(
+            "{{\"ts\":\"{ts}\",\"level\":\"info\",\"logger\":\"{logger}\",\"msg\":\"{}\",\"user_id\":{},\"trace_id\":\"{:016x}\",\"seq\":{n}}}",
+            words.join(" "),
+            rng.u32(..100_000),
+            rng.u64(..)
+        ),
+        2 => format!(
+            "ts={ts} level=warn logger={logger} msg=\"{}\" attempt={} latency_ms={} seq={n}",
+            words.join(" "),
+            rng.u8(1..5),
+            rng.u16(..2000)
+        ),
+        _ => format!(
+            "{ts} INFO [{logger}] {} path=/api/v1/orders/{} status=200 took={}ms user={} seq={n}",
+            words.join(" "),
+            rng.u32(..100_000),
+            rng.u16(..500),
+            rng.u32(..10_000)
+        ),
+    }
+}
+
+struct Corpus {
+    lines: u64,
+    bytes: u64,
+    digest: u64,
+}
+
+fn write_corpus(dir: &std::path::Path, mb: usize, case: &str) -> Corpus {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let files = if case == "many" { 1000 } else { 1 };
+    let target = (mb as u64) << 20;
+    let per_file = target / files;
+    let (mut lines, mut bytes, mut sum) = (0u64, 0u64, 0u64);
+    for f in 0..files {
+        let path = dir.join(format!("app-{f:04}.log"));
+        let mut w =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+        let mut written = 0;
+        while written < per_file {
+            let l = line(&mut rng, lines, case == "short");
+            w.write_all(l.as_bytes()).unwrap();
+            w.write_all(b"\n").unwrap();
+            written += l.len() as u64 + 1;
+            sum = sum.wrapping_add(digest(l.as_bytes()));
+            lines += 1;
+        }
+        w.flush().unwrap();
+        bytes += written;
+    }
+    Corpus {
+        lines,
+        bytes,
+        digest: sum,
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / 100.0
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// The inherent floor: snappy over the corpus in 1 MiB blocks, one thread (wall time of a
+/// CPU-bound loop, finer than the 10 ms ticks of /proc CPU times).
+fn floor_seconds(dir: &std::path::Path) -> f64 {
+    let start = Instant::now();
+    let mut enc = snap::raw::Encoder::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let data = std::fs::read(entry.path()).unwrap();
+        for block in data.chunks(1 << 20) {
+            std::hint::black_box(enc.compress_vec(block).unwrap());
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
+async fn drive(mb: usize, case: &str) {
+    let env = Env::new();
+    let logs = env.path("logs");
+    let corpus = write_corpus(&logs, mb, case);
+    let floor = floor_seconds(&logs);
+
+    // The receiver runs in its own process, so its CPU is not ztail's.
+    let ca_dir = env.path("receiver");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let server = env.ca.issue(LOKI_ID);
+    let (cert, key) = server.write(&ca_dir, "loki");
+    let bundle = env.ca.write_bundle(&ca_dir, "ca");
+    let mut rx = Command::new(std::env::current_exe().unwrap())
+        .arg("--receiver")
+        .args([&cert, &key, &bundle])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx_pid = rx.id();
+    let mut out = BufReader::new(rx.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let port: u16 = first.trim().strip_prefix("PORT ").unwrap().parse().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let sum = Arc::new(AtomicU64::new(0));
+    let (c, s) = (count.clone(), sum.clone());
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            if let Some(rest) = l.strip_prefix("COUNT ") {
+                let mut it = rest.split_whitespace();
+                c.store(it.next().unwrap().parse().unwrap(), Ordering::SeqCst);
+                s.store(it.nth(1).unwrap().parse().unwrap(), Ordering::SeqCst);
+            }
+        }
+    });
+
+    let config = env
+        .config(
+            &format!("https://127.0.0.1:{port}"),
+            "max_in_flight = 4",
+            "",
+        )
+        .replace("level = \"info\"", "level = \"warn\"")
+        .replace("batch_wait = \"100ms\"", "batch_wait = \"1s\"")
+        .replace(
+            "checkpoint_interval = \"100ms\"",
+            "checkpoint_interval = \"1s\"",
+        );
+    let rx_cpu0 = cpu_seconds(rx_pid);
+    let started = Instant::now();
+    let zt = Ztail::start(&env, &config);
+    let deadline = started + Duration::from_secs(600);
+    while count.load(Ordering::SeqCst) < corpus.lines {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} lines arrived; log:\n{}",
+            count.load(Ordering::SeqCst),
+            corpus.lines,
+            zt.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let zt_cpu = cpu_seconds(zt.pid());
+    let zt_peak = peak_rss_mib(zt.pid());
+    let rx_cpu = cpu_seconds(rx_pid) - rx_cpu0;
+    std::thread::sleep(Duration::from_millis(300));
+    let exact =
+        count.load(Ordering::SeqCst) == corpus.lines && sum.load(Ordering::SeqCst) == corpus.digest;
+    let _ = rx.kill();
+    let _ = rx.wait();
+
+    let gib = corpus.bytes as f64 / (1u64 << 30) as f64;
+    let mbs = corpus.bytes as f64 / 1e6;
+    println!(
+        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), release ztail, protobuf+snappy over mTLS, loopback",
+        corpus.lines,
+        mbs,
+        if case == "many" { 1000 } else { 1 }
+    );
+    println!("  wall                {:>10.2} s", wall);
+    println!("  lines/s             {:>10.0}", corpus.lines as f64 / wall);
+    println!("  MB/s                {:>10.1}", mbs / wall);
+    println!(
+        "  ztail CPU           {:>10.2} s   ({:.2} s per GiB)",
+        zt_cpu,
+        zt_cpu / gib
+    );
+    println!("  ztail peak RSS      {:>10.1} MiB", zt_peak);
+    println!("  receiver CPU        {:>10.2} s", rx_cpu);
+    println!(
+        "  floor (snappy only) {:>10.2} s per GiB; ztail / floor = {:.1}x",
+        floor / gib,
+        zt_cpu / floor.max(1e-9)
+    );
+    println!(
+        "  exactly once        {:>10}",
+        if exact { "yes" } else { "NO" }
+    );
+    assert!(exact, "lines lost or duplicated");
+}
+
+/// The counting receiver: decodes every request fully (snappy, protobuf) and prints running
+/// totals. Args: server cert, key, client CA bundle (PEM files).
+fn receiver(args: &[String]) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use prost::Message;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&args[0])
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&args[1]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&args[2]).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("PORT {}", listener.local_addr().unwrap().port());
+        let totals = Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, totals) = (acceptor.clone(), totals.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let totals = totals.clone();
+                        async move {
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let raw = snap::raw::Decoder::new()
+                                .decompress_vec(&body)
+                                .expect("snappy block");
+                            let push = PushRequest::decode(raw.as_slice()).expect("protobuf");
+                            let (mut n, mut s) = (0u64, 0u64);
+                            for stream in &push.streams {
+                                for e in &stream.entries {
+                                    n += 1;
+                                    s = s.wrapping_add(digest(&e.line));
+                                }
+                            }
+                            let (count, sum) = {
+                                let mut t = totals.lock().unwrap();
+                                t.0 += n;
+                                t.1 = t.1.wrapping_add(s);
+                                *t
+                            };
+                            println!("COUNT {count} DIGEST {sum}");
+                            let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                            *resp.status_mut() = hyper::StatusCode::NO_CONTENT;
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+}
