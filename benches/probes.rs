@@ -46,9 +46,16 @@ struct Figures {
 async fn measure(probes: &str, seconds: u64) -> Figures {
     let env = Env::new();
     let rx = env.receiver(LOKI_ID).await;
+    // Production intervals, not the test config's fast ones.
     let config = env
         .config(&rx.url(), "", "")
         .replace("level = \"info\"", "level = \"warn\"")
+        .replace("batch_wait = \"100ms\"", "batch_wait = \"1s\"")
+        .replace("rescan_interval = \"500ms\"", "rescan_interval = \"10s\"")
+        .replace(
+            "checkpoint_interval = \"100ms\"",
+            "checkpoint_interval = \"1s\"",
+        )
         + probes;
     let zt = Ztail::start(&env, &config);
     zt.wait_up().await;
