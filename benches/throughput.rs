@@ -250,8 +250,13 @@ async fn drive(mb: usize, case: &str) {
 
     let gib = corpus.bytes as f64 / (1u64 << 30) as f64;
     let mbs = corpus.bytes as f64 / 1e6;
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     println!(
-        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), release ztail, protobuf+snappy over mTLS, loopback",
+        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {profile} ztail, protobuf+snappy over mTLS, loopback",
         corpus.lines,
         mbs,
         if case == "many" { 1000 } else { 1 }
