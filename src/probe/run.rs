@@ -151,7 +151,7 @@ impl Runner {
         }
     }
 
-    fn record(&self, r: ProbeResult) {
+    fn record(&mut self, r: ProbeResult) {
         let name = &self.probe.name;
         self.metrics.probe_finished(
             name,
