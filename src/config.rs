@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -18,6 +19,8 @@ use crate::identity::PeerPolicy;
 use crate::identity::files::FilesConfig;
 use crate::identity::workload::WorkloadConfig;
 use crate::loki::labels::{self, LabelSet};
+use crate::tail::format::{Format, Framing, Multiline, StreamAs, TimestampRule};
+use crate::tail::timestamp::{TsFormat, parse_zone};
 
 /// A configuration error: where it is and what is wrong.
 #[derive(Debug)]
@@ -115,6 +118,8 @@ pub struct SinkConfig {
     pub min_backoff: Duration,
     pub max_backoff: Duration,
     pub shutdown_timeout: Duration,
+    /// Attach ztail's own SPIFFE ID to every entry as structured metadata.
+    pub provenance: bool,
     pub policy: PeerPolicy,
 }
 
@@ -137,6 +142,10 @@ pub struct SourceConfig {
     pub max_line_bytes: usize,
     pub partial_line_timeout: Duration,
     pub rotate_wait: Duration,
+    /// What a line becomes: format, multiline, timestamps, metadata.
+    pub framing: Arc<Framing>,
+    /// Labels captured from each file's path by the regex's named groups.
+    pub path_labels: Option<regex::Regex>,
 }
 
 impl Config {
@@ -278,6 +287,8 @@ struct RawSink {
     max_backoff: Duration,
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     shutdown_timeout: Duration,
+    #[serde(default)]
+    provenance: bool,
     peer: Option<RawPeer>,
 }
 
@@ -330,6 +341,60 @@ struct RawSource {
     partial_line_timeout: Duration,
     #[serde(default = "default_rotate_wait", with = "humantime_serde")]
     rotate_wait: Duration,
+    #[serde(default)]
+    format: Format,
+    #[serde(default)]
+    stream_as: StreamAs,
+    path_labels: Option<String>,
+    multiline: Option<RawMultiline>,
+    timestamp: Option<RawTimestamp>,
+    #[serde(default)]
+    metadata_fields: Vec<String>,
+    #[serde(default = "default_max_future", with = "humantime_serde")]
+    max_future: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMultiline {
+    start: String,
+    #[serde(default = "default_multiline_lines")]
+    max_lines: usize,
+    max_bytes: Option<ByteSize>,
+    #[serde(default = "default_multiline_timeout", with = "humantime_serde")]
+    timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimestamp {
+    regex: String,
+    #[serde(default = "default_ts_format")]
+    format: String,
+    #[serde(default = "default_zone")]
+    zone: String,
+}
+
+/// The `path_labels` of `cri` and `docker` sources unless set: namespace, pod and container of
+/// the kubelet's `/var/log/pods/<namespace>_<pod>_<uid>/<container>/<n>.log` (the pod UID is
+/// left out: a label per pod restart would multiply streams).
+pub const KUBERNETES_PATH_LABELS: &str =
+    r"^/var/log/pods/(?P<namespace>[^/_]+)_(?P<pod>[^/_]+)_[^/]+/(?P<container>[^/]+)/";
+
+fn default_multiline_lines() -> usize {
+    500
+}
+fn default_multiline_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_ts_format() -> String {
+    "rfc3339".into()
+}
+fn default_zone() -> String {
+    "UTC".into()
+}
+fn default_max_future() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_true() -> bool {
@@ -667,6 +732,7 @@ impl Validator<'_> {
             min_backoff: raw.min_backoff,
             max_backoff: raw.max_backoff,
             shutdown_timeout: raw.shutdown_timeout,
+            provenance: raw.provenance,
             policy,
         })
     }
@@ -729,22 +795,167 @@ impl Validator<'_> {
         if host_label {
             set.insert(labels::HOST.to_owned(), hostname());
         }
-        if set.len() + 1 > labels::MAX_LABELS {
-            return Err(self.err(
-                format!("{key}.labels"),
-                format!(
-                    "{} labels plus filename exceed Loki's default limit of {} label names per stream",
-                    set.len(),
-                    labels::MAX_LABELS
-                ),
-            ));
-        }
         let max_line_bytes = self.size_between(
             &format!("{key}.max_line_bytes"),
             s.max_line_bytes,
             64,
             64 << 20,
         )?;
+
+        // Labels captured from the path: their names are known now, so collisions and the
+        // label count are checked here rather than discovered as Loki 400s.
+        let path_labels = match (&s.path_labels, s.format) {
+            (Some(re), _) if re.is_empty() => None,
+            (Some(re), _) => Some(re.as_str()),
+            (None, Format::Cri | Format::Docker) => Some(KUBERNETES_PATH_LABELS),
+            (None, Format::Raw) => None,
+        };
+        let path_labels = match path_labels {
+            None => None,
+            Some(re) => {
+                let k = format!("{key}.path_labels");
+                let re = regex::Regex::new(re)
+                    .map_err(|e| self.err(&k, format!("invalid regex: {e}")))?;
+                for name in re.capture_names().flatten() {
+                    labels::validate_name(name)
+                        .map_err(|r| self.err(&k, format!("capture group: {r}")))?;
+                    if reserved.contains(&name) || set.contains_key(name) {
+                        return Err(self.err(
+                            &k,
+                            format!(
+                                "capture group {name:?} would replace the label of the same name"
+                            ),
+                        ));
+                    }
+                }
+                if re.capture_names().flatten().next().is_none() {
+                    return Err(self.err(
+                        &k,
+                        "has no named capture group: name the parts that become labels, e.g. (?P<app>[^/]+)",
+                    ));
+                }
+                Some(re)
+            }
+        };
+        let stream_label = s.format != Format::Raw && s.stream_as == StreamAs::Label;
+        if stream_label && (set.contains_key("stream")) {
+            return Err(self.err(
+                format!("{key}.labels.stream"),
+                "is set by ztail from the CRI/Docker stream; set stream_as = \"metadata\" to keep this label",
+            ));
+        }
+        let captured = path_labels
+            .as_ref()
+            .map_or(0, |re| re.capture_names().flatten().count());
+        let total = set.len() + 1 + captured + stream_label as usize;
+        if total > labels::MAX_LABELS {
+            return Err(self.err(
+                format!("{key}.labels"),
+                format!(
+                    "{total} labels per stream (static, filename, host, path_labels captures, stream) exceed Loki's default limit of {}",
+                    labels::MAX_LABELS
+                ),
+            ));
+        }
+
+        let multiline = match s.multiline {
+            None => None,
+            Some(m) => {
+                let start = regex::bytes::Regex::new(&m.start).map_err(|e| {
+                    self.err(
+                        format!("{key}.multiline.start"),
+                        format!("invalid regex: {e}"),
+                    )
+                })?;
+                if m.max_lines == 0 {
+                    return Err(
+                        self.err(format!("{key}.multiline.max_lines"), "must be above zero")
+                    );
+                }
+                let max_bytes = match m.max_bytes {
+                    None => max_line_bytes.max(1 << 20),
+                    Some(b) => self.size_between(
+                        &format!("{key}.multiline.max_bytes"),
+                        b,
+                        max_line_bytes as u64,
+                        64 << 20,
+                    )?,
+                };
+                Some(Multiline {
+                    start,
+                    max_lines: m.max_lines,
+                    max_bytes,
+                    timeout: self.positive(&format!("{key}.multiline.timeout"), m.timeout)?,
+                })
+            }
+        };
+        let timestamp = match s.timestamp {
+            None => None,
+            Some(_) if s.format != Format::Raw => {
+                return Err(self.err(
+                    format!("{key}.timestamp"),
+                    "applies to raw sources only: cri and docker entries carry the runtime's timestamp",
+                ));
+            }
+            Some(t) => {
+                let regex = regex::bytes::Regex::new(&t.regex).map_err(|e| {
+                    self.err(
+                        format!("{key}.timestamp.regex"),
+                        format!("invalid regex: {e}"),
+                    )
+                })?;
+                let group = regex
+                    .capture_names()
+                    .position(|n| n == Some("ts"))
+                    .unwrap_or(if regex.captures_len() > 1 { 1 } else { 0 });
+                let format = TsFormat::from_name(&t.format).ok_or_else(|| {
+                    self.err(
+                        format!("{key}.timestamp.format"),
+                        format!("unknown format {:?}: use rfc3339, unix_seconds, unix_millis, unix_micros or unix_nanos", t.format),
+                    )
+                })?;
+                let zone = parse_zone(&t.zone).ok_or_else(|| {
+                    self.err(
+                        format!("{key}.timestamp.zone"),
+                        format!("invalid zone {:?}: use \"UTC\" or a fixed offset like \"+02:00\" (named zones with daylight saving are not supported; such logs must carry their offset)", t.zone),
+                    )
+                })?;
+                Some(TimestampRule {
+                    regex,
+                    group,
+                    format,
+                    zone,
+                })
+            }
+        };
+        let stream_meta = s.format != Format::Raw && s.stream_as == StreamAs::Metadata;
+        let mut seen = HashSet::new();
+        for (j, name) in s.metadata_fields.iter().enumerate() {
+            let k = format!("{key}.metadata_fields[{j}]");
+            labels::validate_name(name).map_err(|r| self.err(&k, r))?;
+            if (stream_meta && name == "stream")
+                || name == crate::loki::encode::AGENT_ID
+                || !seen.insert(name.as_str())
+            {
+                return Err(self.err(&k, format!("{name:?} is already a metadata field")));
+            }
+        }
+        if s.metadata_fields.len() > 32 {
+            return Err(self.err(
+                format!("{key}.metadata_fields"),
+                "at most 32 fields: structured metadata counts against Loki's per-entry limits",
+            ));
+        }
+        let framing = Framing {
+            format: s.format,
+            stream_as: s.stream_as,
+            multiline,
+            timestamp,
+            json_fields: s.metadata_fields,
+            max_future: s.max_future,
+            max_line: max_line_bytes,
+        };
+
         Ok(SourceConfig {
             name: s.name,
             include,
@@ -757,6 +968,8 @@ impl Validator<'_> {
                 s.partial_line_timeout,
             )?,
             rotate_wait: s.rotate_wait,
+            framing: Arc::new(framing),
+            path_labels,
         })
     }
 

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub lines_read: Counter,
     pub bytes_read: Counter,
     pub lines_truncated: Counter,
+    pub lines_unparsed: Counter,
+    pub timestamp_fallbacks: Counter,
+    pub timestamps_clamped: Counter,
     pub file_truncations: Counter,
     pub entries_sent: Counter,
     pub bytes_sent: Counter,
@@ -77,6 +80,9 @@ impl Metrics {
             lines_read: Counter::default(),
             bytes_read: Counter::default(),
             lines_truncated: Counter::default(),
+            lines_unparsed: Counter::default(),
+            timestamp_fallbacks: Counter::default(),
+            timestamps_clamped: Counter::default(),
             file_truncations: Counter::default(),
             entries_sent: Counter::default(),
             bytes_sent: Counter::default(),
@@ -108,6 +114,21 @@ impl Metrics {
             "lines_truncated",
             "Lines longer than max_line_bytes, truncated",
             m.lines_truncated.clone(),
+        );
+        registry.register(
+            "lines_unparsed",
+            "Lines that did not parse as their source's format (cri, docker) and were shipped as raw lines",
+            m.lines_unparsed.clone(),
+        );
+        registry.register(
+            "timestamp_fallbacks",
+            "Entries whose timestamp could not be extracted and that got the read time",
+            m.timestamp_fallbacks.clone(),
+        );
+        registry.register(
+            "timestamps_clamped",
+            "Entry timestamps further in the future than max_future, replaced by the read time",
+            m.timestamps_clamped.clone(),
         );
         registry.register(
             "file_truncations",
@@ -253,6 +274,19 @@ impl Metrics {
                 kind: kind.to_owned(),
             })
             .inc();
+    }
+
+    /// What framing noticed in one read.
+    pub fn record_framing(&self, stats: &crate::tail::format::FrameStats) {
+        if stats.unparsed > 0 {
+            self.lines_unparsed.inc_by(stats.unparsed);
+        }
+        if stats.ts_fallbacks > 0 {
+            self.timestamp_fallbacks.inc_by(stats.ts_fallbacks);
+        }
+        if stats.ts_clamped > 0 {
+            self.timestamps_clamped.inc_by(stats.ts_clamped);
+        }
     }
 
     /// Entries that will never reach Loki, by reason.

@@ -35,6 +35,7 @@ pub struct SinkSettings {
     pub timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    pub provenance: bool,
 }
 
 impl From<&SinkConfig> for SinkSettings {
@@ -46,6 +47,7 @@ impl From<&SinkConfig> for SinkSettings {
             timeout: c.timeout,
             min_backoff: c.min_backoff,
             max_backoff: c.max_backoff,
+            provenance: c.provenance,
         }
     }
 }
@@ -153,11 +155,19 @@ impl Sink {
     }
 
     async fn deliver(&self, batch: Batch) -> bool {
+        let agent_id = match self.settings.provenance {
+            true => match self.spiffe_id().await {
+                Some(id) => Some(id),
+                None => return false,
+            },
+            false => None,
+        };
+        let agent_id = agent_id.as_deref();
         let mut parts = vec![batch];
         while let Some(part) = parts.pop() {
             let body = match self.settings.body {
-                BodyFormat::Protobuf => encode::protobuf(&part),
-                BodyFormat::Json => encode::json(&part),
+                BodyFormat::Protobuf => encode::protobuf(&part, agent_id),
+                BodyFormat::Json => encode::json(&part, agent_id),
             };
             let body_len = body.len() as u64;
             match self.push(bytes::Bytes::from(body)).await {
@@ -193,6 +203,22 @@ impl Sink {
             }
         }
         true
+    }
+
+    /// ztail's current SPIFFE ID, waiting for an identity if there is none; `None` once the
+    /// sink is stopped. The ID stamped on a batch is the one that is about to authenticate it
+    /// (rotation renews the SVID, not the ID).
+    async fn spiffe_id(&self) -> Option<String> {
+        let mut identity = self.identity.clone();
+        loop {
+            if let Some(id) = identity.borrow_and_update().as_ref() {
+                return Some(id.spiffe_id.to_string());
+            }
+            tokio::select! {
+                changed = identity.changed() => changed.ok()?,
+                _ = self.stop.cancelled() => return None,
+            }
+        }
     }
 
     /// Sends one body until Loki gives a final answer or the sink is stopped.

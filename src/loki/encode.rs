@@ -4,18 +4,24 @@
 //! `reference/loki-push-api.md` §3) and compressed with snappy's *block* format, which is what
 //! Loki's distributor decodes. Lines are declared as bytes on the wire-compatible side; the
 //! tailer guarantees they are valid UTF-8 anyway. Streams without entries are never written
-//! (Loki answers 422 to them).
+//! (Loki answers 422 to them). Structured metadata (entry field 3) carries the fields the
+//! tailer extracted and, optionally, ztail's own SPIFFE ID.
 
-use crate::pipeline::Batch;
+use crate::pipeline::{Batch, Chunk};
 
 /// Content type of [`protobuf`] bodies.
 pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
 /// Content type of [`json`] bodies.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
-/// Snappy-compressed protobuf `PushRequest`.
-pub fn protobuf(batch: &Batch) -> Vec<u8> {
-    let raw = protobuf_uncompressed(batch);
+/// Name of the structured-metadata field that carries ztail's own SPIFFE ID when
+/// `sink.provenance` is on.
+pub const AGENT_ID: &str = "agent_spiffe_id";
+
+/// Snappy-compressed protobuf `PushRequest`. With `agent_id`, every entry carries it as the
+/// [`AGENT_ID`] structured-metadata field.
+pub fn protobuf(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
+    let raw = protobuf_uncompressed(batch, agent_id);
     // Compression only fails for inputs above snappy's 4 GiB block limit; batches are capped
     // at 64 MiB by the config.
     snap::raw::Encoder::new()
@@ -24,26 +30,26 @@ pub fn protobuf(batch: &Batch) -> Vec<u8> {
 }
 
 /// The uncompressed protobuf `PushRequest`.
-pub fn protobuf_uncompressed(batch: &Batch) -> Vec<u8> {
-    let mut out = Vec::with_capacity(batch.line_bytes + batch.entries * 16 + 256);
+pub fn protobuf_uncompressed(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
+    let agent = agent_id.map(|id| field_len(field_len(AGENT_ID.len()) + field_len(id.len())));
+    let mut out =
+        Vec::with_capacity(batch.line_bytes + batch.entries * (16 + agent.unwrap_or(0)) + 256);
     for s in batch.streams.iter().filter(|s| s.entries() > 0) {
         let labels = s.stream.labels.as_bytes();
         let mut stream_len = field_len(labels.len());
         for c in &s.chunks {
-            for i in 0..c.lines.len() {
-                stream_len += field_len(entry_len(c.ts_first + i as i64, c.line(i).len()));
+            for i in 0..c.entries.len() {
+                stream_len += field_len(entry_len(c, i, agent));
             }
         }
         put_tag(&mut out, 1, LEN);
         put_varint(&mut out, stream_len as u64);
         put_bytes(&mut out, 1, labels);
         for c in &s.chunks {
-            for i in 0..c.lines.len() {
-                let ts = c.ts_first + i as i64;
-                let line = c.line(i);
+            for (i, e) in c.entries.iter().enumerate() {
                 put_tag(&mut out, 2, LEN);
-                put_varint(&mut out, entry_len(ts, line.len()) as u64);
-                let (secs, nanos) = split_ts(ts);
+                put_varint(&mut out, entry_len(c, i, agent) as u64);
+                let (secs, nanos) = split_ts(e.ts);
                 put_tag(&mut out, 1, LEN);
                 put_varint(&mut out, timestamp_len(secs, nanos) as u64);
                 if secs != 0 {
@@ -54,15 +60,21 @@ pub fn protobuf_uncompressed(batch: &Batch) -> Vec<u8> {
                     put_tag(&mut out, 2, VARINT);
                     put_varint(&mut out, nanos as u64);
                 }
-                put_bytes(&mut out, 2, line);
+                put_bytes(&mut out, 2, c.line(i));
+                for (name, value) in c.metadata(i) {
+                    put_label_pair(&mut out, name.as_bytes(), value);
+                }
+                if let Some(id) = agent_id {
+                    put_label_pair(&mut out, AGENT_ID.as_bytes(), id.as_bytes());
+                }
             }
         }
     }
     out
 }
 
-/// Loki's JSON body: `{"streams":[{"stream":{..},"values":[["<ns>","<line>"],..]}]}`.
-pub fn json(batch: &Batch) -> Vec<u8> {
+/// Loki's JSON body: `{"streams":[{"stream":{..},"values":[["<ns>","<line>",{meta}],..]}]}`.
+pub fn json(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.line_bytes + batch.entries * 32 + 256);
     out.extend_from_slice(b"{\"streams\":[");
     let mut first_stream = true;
@@ -83,15 +95,32 @@ pub fn json(batch: &Batch) -> Vec<u8> {
         out.extend_from_slice(b"},\"values\":[");
         let mut first = true;
         for c in &s.chunks {
-            for i in 0..c.lines.len() {
+            for (i, e) in c.entries.iter().enumerate() {
                 if !first {
                     out.push(b',');
                 }
                 first = false;
                 out.extend_from_slice(b"[\"");
-                out.extend_from_slice((c.ts_first + i as i64).to_string().as_bytes());
+                out.extend_from_slice(e.ts.to_string().as_bytes());
                 out.extend_from_slice(b"\",");
                 json_string(&mut out, &String::from_utf8_lossy(c.line(i)));
+                if e.meta_len > 0 || agent_id.is_some() {
+                    out.extend_from_slice(b",{");
+                    let mut first_field = true;
+                    let fields = c
+                        .metadata(i)
+                        .chain(agent_id.map(|id| (AGENT_ID, id.as_bytes())));
+                    for (name, value) in fields {
+                        if !first_field {
+                            out.push(b',');
+                        }
+                        first_field = false;
+                        json_string(&mut out, name);
+                        out.push(b':');
+                        json_string(&mut out, &String::from_utf8_lossy(value));
+                    }
+                    out.push(b'}');
+                }
                 out.push(b']');
             }
         }
@@ -127,9 +156,22 @@ fn timestamp_len(secs: i64, nanos: i32) -> usize {
     n
 }
 
-fn entry_len(ts: i64, line_len: usize) -> usize {
-    let (secs, nanos) = split_ts(ts);
-    field_len(timestamp_len(secs, nanos)) + field_len(line_len)
+/// Encoded size of entry `i` of a chunk (without its own tag and length).
+fn entry_len(c: &Chunk, i: usize, agent: Option<usize>) -> usize {
+    let (secs, nanos) = split_ts(c.entries[i].ts);
+    let mut n = field_len(timestamp_len(secs, nanos)) + field_len(c.line(i).len());
+    for (name, value) in c.metadata(i) {
+        n += field_len(field_len(name.len()) + field_len(value.len()));
+    }
+    n + agent.unwrap_or(0)
+}
+
+/// A structured-metadata `LabelPair` (entry field 3).
+fn put_label_pair(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    put_tag(out, 3, LEN);
+    put_varint(out, (field_len(name.len()) + field_len(value.len())) as u64);
+    put_bytes(out, 1, name);
+    put_bytes(out, 2, value);
 }
 
 /// Size of a length-delimited field with a one-byte tag.

@@ -1,7 +1,7 @@
 //! What flows from the tailers to the Loki sink, and the acknowledgements that flow back.
 //!
-//! A tailer hands the pipeline [`Chunk`]s: the bytes it read from one file, the line ranges in
-//! them and the file [`Position`] just after them. Chunks are never copied between stages: the
+//! A tailer hands the pipeline [`Chunk`]s: the bytes it read from one file, the [`Entry`]s in
+//! them (text range, timestamp, structured metadata) and the file [`Position`] just after them. Chunks are never copied between stages: the
 //! batcher groups them into a [`Batch`] per label set, the sink encodes the batch once, and on a
 //! 2xx the [`ack::AckTracker`] advances each file's committed position, which is the only
 //! position the checkpointer ever persists.
@@ -10,10 +10,11 @@ pub mod ack;
 pub mod batcher;
 
 use std::collections::VecDeque;
-use std::ops::Range;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
 
 /// A place in a file: the byte offset after the last consumed byte, and a hash of the bytes just
 /// before it so that a resume can tell whether the file is still the one that was read.
@@ -106,39 +107,99 @@ impl Stream {
     }
 }
 
-/// Bytes read from one file and the lines in them. Lines are valid UTF-8 without their line
-/// terminator; line `i` has timestamp `ts_first + i`.
+/// One log entry of a [`Chunk`]: its text in the chunk's data, its timestamp and its
+/// structured metadata (a range of the chunk's `meta`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub start: u32,
+    pub end: u32,
+    /// Unix nanoseconds; 0 until the tailer stamps the entry with its read time.
+    pub ts: i64,
+    pub meta_start: u32,
+    pub meta_len: u16,
+    /// Which of the file's streams the entry belongs to (CRI/Docker `stream` as a label).
+    pub sub: u8,
+}
+
+impl Entry {
+    /// An entry with the text `start..end` and no timestamp or metadata yet.
+    pub fn text(start: usize, end: usize) -> Entry {
+        Entry {
+            start: start as u32,
+            end: end as u32,
+            ts: 0,
+            meta_start: 0,
+            meta_len: 0,
+            sub: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// One structured-metadata field of an entry: the index of its name in the chunk's
+/// `meta_names` and its value in the chunk's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub name: u8,
+    pub start: u32,
+    pub end: u32,
+}
+
+/// Bytes read from one file and the entries in them. Entry texts are valid UTF-8 without their
+/// line terminator. The data is shared (a split for a 413 does not copy it).
 #[derive(Debug)]
 pub struct Chunk {
     pub stream: Arc<Stream>,
     pub cursor: Arc<Cursor>,
-    pub data: Vec<u8>,
-    pub lines: Vec<Range<u32>>,
-    pub ts_first: i64,
+    pub data: Bytes,
+    pub entries: Vec<Entry>,
+    pub meta: Vec<Meta>,
+    pub meta_names: Arc<[String]>,
     /// The file position after the last byte this chunk consumed.
     pub end: Position,
 }
 
 impl Chunk {
     pub fn line(&self, i: usize) -> &[u8] {
-        let r = &self.lines[i];
-        &self.data[r.start as usize..r.end as usize]
+        let e = &self.entries[i];
+        &self.data[e.start as usize..e.end as usize]
+    }
+
+    /// The structured metadata of entry `i`, as (name, value) pairs.
+    pub fn metadata(&self, i: usize) -> impl Iterator<Item = (&str, &[u8])> {
+        let e = &self.entries[i];
+        let start = e.meta_start as usize;
+        self.meta[start..start + e.meta_len as usize]
+            .iter()
+            .map(|m| {
+                (
+                    self.meta_names[m.name as usize].as_str(),
+                    &self.data[m.start as usize..m.end as usize],
+                )
+            })
     }
 
     pub fn line_bytes(&self) -> usize {
-        self.lines.iter().map(|r| (r.end - r.start) as usize).sum()
+        self.entries.iter().map(Entry::len).sum()
     }
 
-    /// Splits off the lines from `at` on into a new chunk (with a copy of the data). Only the
-    /// 413 path uses it, so the copy is not on the hot path.
+    /// Splits off the entries from `at` on into a new chunk sharing the data. Only the 413 path
+    /// uses it.
     fn split_off(&mut self, at: usize) -> Chunk {
-        let tail_lines: Vec<Range<u32>> = self.lines.split_off(at);
         Chunk {
             stream: self.stream.clone(),
             cursor: self.cursor.clone(),
             data: self.data.clone(),
-            lines: tail_lines,
-            ts_first: self.ts_first + at as i64,
+            entries: self.entries.split_off(at),
+            meta: self.meta.clone(),
+            meta_names: self.meta_names.clone(),
             end: self.end,
         }
     }
@@ -153,7 +214,7 @@ pub struct StreamBatch {
 
 impl StreamBatch {
     pub fn entries(&self) -> usize {
-        self.chunks.iter().map(|c| c.lines.len()).sum()
+        self.chunks.iter().map(|c| c.entries.len()).sum()
     }
 }
 
@@ -185,7 +246,7 @@ impl Batch {
             self.opened = Instant::now();
         }
         self.line_bytes += chunk.line_bytes();
-        self.entries += chunk.lines.len();
+        self.entries += chunk.entries.len();
         // Few streams per batch in practice; a linear scan beats hashing here.
         match self
             .streams
@@ -224,7 +285,7 @@ impl Batch {
         let mut taken = 0;
         for s in self.streams {
             for mut c in s.chunks {
-                let n = c.lines.len();
+                let n = c.entries.len();
                 if taken >= half {
                     second.push(c);
                 } else if taken + n <= half {

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{SourceConfig, StartAt};
 use crate::identity::PeerPolicy;
 use crate::loki::labels::{self, LabelSet};
+use crate::tail::format::{Framing, TimestampRule};
+use crate::tail::timestamp::TsFormat;
 
 pub use run::{ProbeStatus, spawn};
 
@@ -395,8 +397,23 @@ impl ProbeConfig {
             max_line_bytes: 64 << 10,
             partial_line_timeout: Duration::from_secs(1),
             rotate_wait: Duration::from_secs(10),
+            framing: Arc::new(spool_framing()),
+            path_labels: None,
         }
     }
+}
+
+/// Results keep the time their run started, also when they are shipped late (after an outage).
+fn spool_framing() -> Framing {
+    let mut framing = Framing::raw(64 << 10);
+    framing.timestamp = Some(TimestampRule {
+        // ProbeResult serializes `ts` first.
+        regex: regex::bytes::Regex::new(r#"^\{"ts":"([^"]+)""#).expect("a valid constant regex"),
+        group: 1,
+        format: TsFormat::Rfc3339,
+        zone: 0,
+    });
+    framing
 }
 
 fn split_host_port(target: &str) -> Option<(String, u16)> {

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::reader::{FileReader, ReadLines};
 use super::{FileState, Tailer, TrackedFile};
-use crate::pipeline::Chunk;
+use crate::pipeline::{Chunk, Entry, Position};
 
 /// How often an idle file is checked when no inotify event arrives (events can be dropped).
 const POLL: Duration = Duration::from_millis(500);
@@ -24,6 +24,7 @@ pub(super) struct Context {
 }
 
 pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context) {
+    let mut last_end = reader.position();
     let mut reader = Some(reader);
     let mut partial_since: Option<Instant> = None;
     let mut rotated_since: Option<Instant> = None;
@@ -53,7 +54,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             reader = Some(r);
             match result {
                 Ok(Some(lines)) => {
-                    if !send(&file, &ctx, lines).await {
+                    if !send(&file, &ctx, lines, &mut last_end).await {
                         break 'outer;
                     }
                     partial_since = has_partial.then(Instant::now);
@@ -95,6 +96,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             if r.reset().is_err() {
                 break;
             }
+            last_end = r.position();
             partial_since = None;
             continue;
         }
@@ -106,7 +108,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             && let Some(lines) = r.flush_partial()
         {
             partial_since = None;
-            if !send(&file, &ctx, lines).await {
+            if !send(&file, &ctx, lines, &mut last_end).await {
                 break;
             }
             continue;
@@ -131,7 +133,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             });
             if since.elapsed() >= ctx.rotate_wait {
                 if let Some(lines) = r.flush_partial() {
-                    send(&file, &ctx, lines).await;
+                    send(&file, &ctx, lines, &mut last_end).await;
                 }
                 break;
             }
@@ -156,27 +158,84 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
     tracing::debug!(path = %file.path().display(), "closed");
 }
 
-/// Hands lines to the pipeline; false once the pipeline is gone.
-async fn send(file: &TrackedFile, ctx: &Context, lines: ReadLines) -> bool {
+/// Hands entries to the pipeline; false once the pipeline is gone. `last_end` is the position
+/// after the previous read; it becomes this read's end.
+async fn send(
+    file: &TrackedFile,
+    ctx: &Context,
+    lines: ReadLines,
+    last_end: &mut Position,
+) -> bool {
     let metrics = &ctx.tailer.metrics;
-    metrics.lines_read.inc_by(lines.lines.len() as u64);
+    metrics.lines_read.inc_by(lines.records);
     metrics.bytes_read.inc_by(lines.bytes);
     if lines.truncated_lines > 0 {
         metrics.lines_truncated.inc_by(lines.truncated_lines);
-        tracing::warn!(path = %file.path().display(), count = lines.truncated_lines, "lines longer than max_line_bytes were truncated");
+        tracing::warn!(path = %file.path().display(), count = lines.truncated_lines, "entries longer than the size limit were truncated");
     }
-    let chunk = Chunk {
-        ts_first: file.stream.reserve_timestamps(lines.lines.len()),
-        stream: file.stream.clone(),
+    metrics.record_framing(&lines.stats);
+    let mut entries = lines.entries;
+    // Entries without a timestamp of their own get the read time, strictly increasing per
+    // stream so that Loki keeps their order.
+    let subs = file.streams.len();
+    let mut next = [0i64; 2];
+    for (sub, slot) in next.iter_mut().enumerate().take(subs) {
+        let n = entries
+            .iter()
+            .filter(|e| e.ts == 0 && e.sub as usize == sub)
+            .count();
+        if n > 0 {
+            *slot = file.streams[sub].reserve_timestamps(n);
+        }
+    }
+    for e in entries.iter_mut().filter(|e| e.ts == 0) {
+        e.ts = next[e.sub as usize];
+        next[e.sub as usize] += 1;
+    }
+
+    let data = bytes::Bytes::from(lines.data);
+    let chunk = |sub: usize, entries: Vec<Entry>, end: Position| Chunk {
+        stream: file.streams[sub].clone(),
         cursor: file.cursor.clone(),
-        data: lines.data,
-        lines: lines.lines,
-        end: lines.end,
+        data: data.clone(),
+        entries,
+        meta: lines.meta.clone(),
+        meta_names: file.meta_names.clone(),
+        end,
     };
-    // At shutdown a chunk stuck behind a full pipeline is dropped unacknowledged: it is read
-    // again after the restart.
-    tokio::select! {
-        sent = ctx.tx.send(chunk) => sent.is_ok(),
-        _ = ctx.tailer.cancel.cancelled() => false,
+    let first_sub = entries.first().map_or(0, |e| e.sub as usize);
+    let chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
+        vec![chunk(first_sub, entries, lines.end)]
+    } else {
+        // One chunk per stream. Only the last carries the new position: the file's committed
+        // position cannot pass this read until every one of them is acknowledged.
+        let mut parts = Vec::with_capacity(subs);
+        for sub in 0..subs {
+            let part: Vec<Entry> = entries
+                .iter()
+                .filter(|e| e.sub as usize == sub)
+                .copied()
+                .collect();
+            if !part.is_empty() {
+                parts.push(chunk(sub, part, *last_end));
+            }
+        }
+        if let Some(last) = parts.last_mut() {
+            last.end = lines.end;
+        }
+        parts
+    };
+    *last_end = lines.end;
+    for chunk in chunks {
+        // At shutdown a chunk stuck behind a full pipeline is dropped unacknowledged: it is
+        // read again after the restart.
+        let sent = tokio::select! {
+            sent = ctx.tx.send(chunk) => sent.is_ok(),
+            _ = ctx.tailer.cancel.cancelled() => false,
+        };
+        if !sent {
+            return false;
+        }
     }
+    true
 }

@@ -10,7 +10,9 @@
 
 pub mod checkpoint;
 mod file;
+pub mod format;
 pub mod reader;
+pub mod timestamp;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, Metadata, OpenOptions};
@@ -53,7 +55,9 @@ pub struct TrackedFile {
     pub source: String,
     path: Mutex<PathBuf>,
     pub cursor: Arc<Cursor>,
-    stream: Arc<Stream>,
+    /// The file's Loki streams: one, or stdout and stderr when the stream is a label.
+    streams: Vec<Arc<Stream>>,
+    meta_names: Arc<[String]>,
     read_offset: AtomicU64,
     size: AtomicU64,
     head: Mutex<(u32, u64)>,
@@ -387,7 +391,7 @@ impl Tailer {
         let reader = match FileReader::new(
             file,
             start.offset,
-            src.max_line_bytes,
+            src.framing.clone(),
             self.cfg.read_buffer,
         ) {
             Ok(r) => r,
@@ -397,19 +401,15 @@ impl Tailer {
             }
         };
         let head = reader.head();
-        let labels = src.labels.with(FILENAME, &path.to_string_lossy());
-        let rendered = labels.render();
-        let stream = lock(&self.streams)
-            .entry(rendered)
-            .or_insert_with(|| Arc::new(Stream::new(&labels)))
-            .clone();
+        let streams = self.streams_for(src, &path);
         let tracked = Arc::new(TrackedFile {
             dev: key.0,
             ino: key.1,
             source: src.name.clone(),
             path: Mutex::new(path.clone()),
             cursor: Arc::new(Cursor::new(start)),
-            stream,
+            streams,
+            meta_names: src.framing.meta_names().into(),
             read_offset: AtomicU64::new(start.offset),
             size: AtomicU64::new(fmeta.len()),
             head: Mutex::new((head.len() as u32, hash(head))),
@@ -426,10 +426,49 @@ impl Tailer {
         let ctx = file::Context {
             tailer: self.clone(),
             tx: tx.clone(),
-            max_partial_age: src.partial_line_timeout,
+            max_partial_age: src
+                .framing
+                .multiline
+                .as_ref()
+                .map_or(src.partial_line_timeout, |m| m.timeout),
             rotate_wait: src.rotate_wait,
         };
         self.tasks.spawn(file::run(tracked, reader, ctx));
+    }
+
+    /// The Loki streams of a file: the source's static labels, `filename`, the labels captured
+    /// from the path, and `stream` when CRI/Docker streams are labels.
+    fn streams_for(&self, src: &SourceConfig, path: &Path) -> Vec<Arc<Stream>> {
+        let path = path.to_string_lossy();
+        let mut labels = src.labels.with(FILENAME, &path);
+        if let Some(re) = &src.path_labels
+            && let Some(caps) = re.captures(&path)
+        {
+            for name in re.capture_names().flatten() {
+                // Values are escaped when rendered; invalid ones (empty, too long) are left out.
+                if let Some(m) = caps.name(name)
+                    && crate::loki::labels::validate_value(m.as_str()).is_ok()
+                {
+                    labels = labels.with(name, m.as_str());
+                }
+            }
+        }
+        let sets = match src.framing.stream_label() {
+            true => format::STREAMS
+                .iter()
+                .map(|s| labels.with(format::STREAM, s))
+                .collect(),
+            false => vec![labels],
+        };
+        let mut known = lock(&self.streams);
+        sets.into_iter()
+            .map(|set| {
+                known
+                    .entry(set.render())
+                    .or_insert_with(|| Arc::new(Stream::new(&set)))
+                    .clone()
+            })
+            .collect()
     }
 
     /// Where to start reading a newly found file: its checkpoint if it is provably the same file,

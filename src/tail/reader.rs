@@ -5,25 +5,36 @@
 //! independent of decoding. A line longer than `max_line` is cut at `max_line` bytes (on a UTF-8
 //! boundary), counted, and the rest of it is skipped up to its newline: the file keeps being
 //! read. Invalid UTF-8 is replaced with U+FFFD. A trailing `\r` is stripped.
+//!
+//! Raw sources take a fast path: every line is an entry pointing into the bytes read. Other
+//! sources hand their lines to a [`Framer`], which may leave the lines of an unfinished entry
+//! unconsumed; they stay in the carry and are framed again with the next read.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
-use crate::pipeline::{Position, TAIL_LEN};
+use std::sync::Arc;
+
+use super::format::{FrameStats, Framer, Framing};
+use crate::pipeline::{Entry, Meta, Position, TAIL_LEN};
 
 /// How many leading bytes of a file identify it (its fingerprint grows up to this).
 pub const HEAD_LEN: usize = 1024;
 
-/// Lines read by one [`FileReader::read_chunk`] call.
+/// Entries read by one [`FileReader::read_chunk`] call.
 #[derive(Debug)]
 pub struct ReadLines {
     pub data: Vec<u8>,
-    pub lines: Vec<Range<u32>>,
+    pub entries: Vec<Entry>,
+    pub meta: Vec<Meta>,
     pub end: Position,
     pub truncated_lines: u64,
     pub bytes: u64,
+    /// Lines (records) consumed.
+    pub records: u64,
+    pub stats: FrameStats,
 }
 
 enum ReadStep {
@@ -49,11 +60,15 @@ pub struct FileReader {
     head: Vec<u8>,
     max_line: usize,
     buf_size: usize,
+    /// `None` for raw sources without multiline, timestamps or metadata.
+    framer: Option<Framer>,
 }
 
 impl FileReader {
     /// A reader starting at `start`, which must be a position this file was read to before (or 0).
-    pub fn new(file: File, start: u64, max_line: usize, buf_size: usize) -> io::Result<Self> {
+    pub fn new(file: File, start: u64, framing: Arc<Framing>, buf_size: usize) -> io::Result<Self> {
+        let max_line = framing.record_limit();
+        let framer = (!framing.is_plain()).then(|| Framer::new(framing));
         let mut r = FileReader {
             file,
             read_at: start,
@@ -64,6 +79,7 @@ impl FileReader {
             head: Vec::new(),
             max_line,
             buf_size,
+            framer,
         };
         r.file.seek(SeekFrom::Start(start))?;
         r.head = read_head(&r.file, (start as usize).min(HEAD_LEN))?;
@@ -110,6 +126,9 @@ impl FileReader {
         self.tail.clear();
         self.head.clear();
         self.discarding = false;
+        if let Some(f) = &mut self.framer {
+            f.reset();
+        }
         Ok(())
     }
 
@@ -185,34 +204,63 @@ impl FileReader {
             start = nl + 1;
         }
         let mut consumed = start;
+        let mut complete = all;
         if self.discarding {
             consumed = data.len();
         } else if data.len() - start > self.max_line {
             // An over-long line still without its newline: emit its first max_line bytes now and
-            // skip the rest up to the newline.
+            // skip the rest up to the newline. Everything before it is complete.
             truncated += self.push_line(&data, start, data.len(), &mut lines) as u64;
             self.discarding = true;
             consumed = data.len();
+            complete = true;
         } else if all && start < data.len() {
             truncated += self.push_line(&data, start, data.len(), &mut lines) as u64;
             consumed = data.len();
         }
-        self.carry.extend_from_slice(&data[consumed..]);
+        let mut records = lines.len() as u64;
+        let mut stats = FrameStats::default();
+        let (entries, meta) = match &mut self.framer {
+            Some(framer) => {
+                let (framed, carry) =
+                    framer.frame(&mut data, &lines, consumed, complete, unix_now_nanos());
+                self.carry = carry;
+                consumed = framed.consumed;
+                // Lines of unfinished entries are read again with the next read.
+                records = lines
+                    .iter()
+                    .filter(|l| (l.start as usize) < consumed)
+                    .count() as u64;
+                stats = framed.stats;
+                (framed.entries, framed.meta)
+            }
+            None => {
+                self.carry.extend_from_slice(&data[consumed..]);
+                data.truncate(consumed);
+                if std::str::from_utf8(&data).is_err() {
+                    (data, lines) = replace_invalid_utf8(&data, &lines);
+                }
+                let entries = lines
+                    .iter()
+                    .map(|l| Entry::text(l.start as usize, l.end as usize))
+                    .collect();
+                (entries, Vec::new())
+            }
+        };
         if consumed == 0 {
             return None;
         }
         self.consumed += consumed as u64;
         self.remember_tail(&data[..consumed]);
-        data.truncate(consumed);
-        if std::str::from_utf8(&data).is_err() {
-            (data, lines) = replace_invalid_utf8(&data, &lines);
-        }
         Some(ReadLines {
             data,
-            lines,
+            entries,
+            meta,
             end: self.position(),
-            truncated_lines: truncated,
+            truncated_lines: truncated + stats.truncated,
             bytes: consumed as u64,
+            records,
+            stats,
         })
     }
 
@@ -264,6 +312,12 @@ fn replace_invalid_utf8(data: &[u8], lines: &[Range<u32>]) -> (Vec<u8>, Vec<Rang
     (out, ranges)
 }
 
+fn unix_now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
 /// Reads up to `len` bytes from the start of a file.
 pub fn read_head(file: &File, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0; len];
@@ -302,14 +356,15 @@ mod tests {
     ) -> (tempfile::NamedTempFile, FileReader) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(content).unwrap();
-        let r = FileReader::new(f.reopen().unwrap(), 0, max_line, buf).unwrap();
+        let framing = Arc::new(Framing::raw(max_line));
+        let r = FileReader::new(f.reopen().unwrap(), 0, framing, buf).unwrap();
         (f, r)
     }
 
     fn all_lines(r: &mut FileReader) -> Vec<String> {
         let mut out = Vec::new();
         while let Some(c) = r.read_chunk().unwrap() {
-            for l in &c.lines {
+            for l in &c.entries {
                 out.push(
                     String::from_utf8(c.data[l.start as usize..l.end as usize].to_vec()).unwrap(),
                 );
@@ -326,7 +381,7 @@ mod tests {
         assert!(r.has_partial());
         let c = r.flush_partial().unwrap();
         assert_eq!(
-            &c.data[c.lines[0].start as usize..c.lines[0].end as usize],
+            &c.data[c.entries[0].start as usize..c.entries[0].end as usize],
             b"partial"
         );
         assert_eq!(c.end.offset, 26);
@@ -342,7 +397,7 @@ mod tests {
             let mut lines = Vec::new();
             while let Some(c) = r.read_chunk().unwrap() {
                 truncated += c.truncated_lines;
-                for l in &c.lines {
+                for l in &c.entries {
                     lines.push(
                         String::from_utf8(c.data[l.start as usize..l.end as usize].to_vec())
                             .unwrap(),
@@ -377,8 +432,13 @@ mod tests {
         assert_eq!(a.position(), b.position());
         // A reader resumed at that offset computes the same position.
         let (_h, c) = reader_over(content.as_bytes(), 1000, 4096);
-        let resumed =
-            FileReader::new(c.file.try_clone().unwrap(), a.position().offset, 1000, 64).unwrap();
+        let resumed = FileReader::new(
+            c.file.try_clone().unwrap(),
+            a.position().offset,
+            Arc::new(Framing::raw(1000)),
+            64,
+        )
+        .unwrap();
         assert_eq!(resumed.position(), a.position());
         assert_eq!(a.head(), &content.as_bytes()[..HEAD_LEN]);
     }
