@@ -5,7 +5,11 @@
 //! The baseline, measured in the same run, is the inherent floor: snappy-compressing the corpus
 //! in 1 MiB blocks in one thread.
 //!
-//!   cargo bench --bench throughput -- [MB] [mixed|short|many]
+//!   cargo bench --bench throughput -- [MB] [mixed|short|many|cri|cri-vs-raw]
+//!
+//! `cri` writes the mixed corpus as Kubernetes CRI records (`<time> stdout F <line>`) and ships
+//! it with `format = "cri"`; `cri-vs-raw` runs `mixed` and `cri` back to back and prints the
+//! ratio of their CPU per GiB.
 //!
 //! Under `cargo test` (debug build) it runs a 2 MB corpus only, to keep the harness working.
 
@@ -35,11 +39,37 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(if cfg!(debug_assertions) { 2 } else { 200 });
     let case = args.get(1).cloned().unwrap_or_else(|| "mixed".into());
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .unwrap()
-        .block_on(drive(mb, &case));
+        .unwrap();
+    if case == "cri-vs-raw" {
+        let raw = rt.block_on(drive(mb, "mixed"));
+        let cri = rt.block_on(drive(mb, "cri"));
+        println!(
+            "cri / raw ztail CPU per GiB: {:.2}x of file bytes, {:.2}x of message bytes",
+            cri.per_file_gib() / raw.per_file_gib(),
+            cri.per_message_gib() / raw.per_message_gib()
+        );
+    } else {
+        rt.block_on(drive(mb, &case));
+    }
+}
+
+/// What one run measured.
+struct Run {
+    cpu: f64,
+    file_bytes: u64,
+    message_bytes: u64,
+}
+
+impl Run {
+    fn per_file_gib(&self) -> f64 {
+        self.cpu / (self.file_bytes as f64 / (1u64 << 30) as f64)
+    }
+    fn per_message_gib(&self) -> f64 {
+        self.cpu / (self.message_bytes as f64 / (1u64 << 30) as f64)
+    }
 }
 
 /// FNV-1a of a line, summed over lines: equal sums and counts mean the same multiset of lines
@@ -111,6 +141,8 @@ fn line(rng: &mut fastrand::Rng, n: u64, short: bool) -> String {
 struct Corpus {
     lines: u64,
     bytes: u64,
+    /// Bytes of the lines themselves (without CRI framing and newlines).
+    message_bytes: u64,
     digest: u64,
 }
 
@@ -119,7 +151,7 @@ fn write_corpus(dir: &std::path::Path, mb: usize, case: &str) -> Corpus {
     let files = if case == "many" { 1000 } else { 1 };
     let target = (mb as u64) << 20;
     let per_file = target / files;
-    let (mut lines, mut bytes, mut sum) = (0u64, 0u64, 0u64);
+    let (mut lines, mut bytes, mut sum, mut message_bytes) = (0u64, 0u64, 0u64, 0u64);
     for f in 0..files {
         let path = dir.join(format!("app-{f:04}.log"));
         let mut w =
@@ -127,9 +159,21 @@ fn write_corpus(dir: &std::path::Path, mb: usize, case: &str) -> Corpus {
         let mut written = 0;
         while written < per_file {
             let l = line(&mut rng, lines, case == "short");
+            if case == "cri" {
+                let n = lines;
+                let prefix = format!(
+                    "2026-11-26T06:{:02}:{:02}.{:09}Z stdout F ",
+                    (n / 60_000) % 60,
+                    (n / 1000) % 60,
+                    n % 1_000_000_000
+                );
+                w.write_all(prefix.as_bytes()).unwrap();
+                written += prefix.len() as u64;
+            }
             w.write_all(l.as_bytes()).unwrap();
             w.write_all(b"\n").unwrap();
             written += l.len() as u64 + 1;
+            message_bytes += l.len() as u64;
             sum = sum.wrapping_add(digest(l.as_bytes()));
             lines += 1;
         }
@@ -139,6 +183,7 @@ fn write_corpus(dir: &std::path::Path, mb: usize, case: &str) -> Corpus {
     Corpus {
         lines,
         bytes,
+        message_bytes,
         digest: sum,
     }
 }
@@ -176,7 +221,7 @@ fn floor_seconds(dir: &std::path::Path) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-async fn drive(mb: usize, case: &str) {
+async fn drive(mb: usize, case: &str) -> Run {
     let env = Env::new();
     let logs = env.path("logs");
     let corpus = write_corpus(&logs, mb, case);
@@ -216,7 +261,11 @@ async fn drive(mb: usize, case: &str) {
         .config(
             &format!("https://127.0.0.1:{port}"),
             "max_in_flight = 4",
-            "",
+            if case == "cri" {
+                "format = \"cri\""
+            } else {
+                ""
+            },
         )
         .replace("level = \"info\"", "level = \"warn\"")
         .replace("batch_wait = \"100ms\"", "batch_wait = \"1s\"")
@@ -281,6 +330,11 @@ async fn drive(mb: usize, case: &str) {
         if exact { "yes" } else { "NO" }
     );
     assert!(exact, "lines lost or duplicated");
+    Run {
+        cpu: zt_cpu,
+        file_bytes: corpus.bytes,
+        message_bytes: corpus.message_bytes,
+    }
 }
 
 /// The counting receiver: decodes every request fully (snappy, protobuf) and prints running

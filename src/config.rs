@@ -1064,6 +1064,44 @@ labels = { job = "app" }
         assert_eq!(c.sources[0].start_at, StartAt::End);
     }
 
+    #[test]
+    fn cri_sources_label_pods_from_the_kubelet_path_by_default() {
+        let c = parse(&format!("{GOOD}format = \"cri\"\n")).unwrap();
+        let src = &c.sources[0];
+        assert!(src.framing.stream_label());
+        let re = src.path_labels.as_ref().expect("the kubernetes default");
+        let caps = re
+            .captures("/var/log/pods/shop_web-7f9c4_0f1e2d3c-aaaa-bbbb/nginx/0.log")
+            .unwrap();
+        assert_eq!(&caps["namespace"], "shop");
+        assert_eq!(&caps["pod"], "web-7f9c4");
+        assert_eq!(&caps["container"], "nginx");
+        // Raw sources have no path labels unless asked; an empty regex turns them off.
+        assert!(parse(GOOD).unwrap().sources[0].path_labels.is_none());
+        let off = parse(&format!("{GOOD}format = \"cri\"\npath_labels = \"\"\n")).unwrap();
+        assert!(off.sources[0].path_labels.is_none());
+    }
+
+    #[test]
+    fn multiline_and_timestamp_settings_are_validated_into_the_framing() {
+        let c = parse(&format!(
+            "{GOOD}metadata_fields = [\"trace_id\"]\n[sources.multiline]\nstart = '^\\d'\nmax_lines = 50\n[sources.timestamp]\nregex = 'at=(?P<ts>\\S+)'\nformat = \"unix_seconds\"\nzone = \"+02:00\"\n"
+        ))
+        .unwrap();
+        let f = &c.sources[0].framing;
+        let ml = f.multiline.as_ref().unwrap();
+        assert_eq!((ml.max_lines, ml.max_bytes), (50, 1 << 20));
+        assert_eq!(ml.timeout, Duration::from_secs(3));
+        let ts = f.timestamp.as_ref().unwrap();
+        assert_eq!(
+            (ts.group, ts.format, ts.zone),
+            (1, TsFormat::UnixSeconds, 7200)
+        );
+        assert_eq!(f.meta_names(), ["trace_id"]);
+        assert!(!f.is_plain());
+        assert!(parse(GOOD).unwrap().sources[0].framing.is_plain());
+    }
+
     fn error_of(text: &str) -> String {
         parse(text)
             .expect_err("config must be rejected")

@@ -82,6 +82,54 @@ fn broken_configs_name_the_key_and_the_reason() {
             "admin.listen",
             "not a loopback address",
         ),
+        (
+            format!("{good}format = \"syslog\"\n"),
+            "sources[0].format",
+            "unknown variant `syslog`",
+        ),
+        (
+            format!("{good}path_labels = '/logs/(?P<job>[^/]+)'\n"),
+            "sources[0].path_labels",
+            "would replace the label",
+        ),
+        (
+            format!("{good}path_labels = '/logs/(?P<app-name>[^/]+)'\n"),
+            "sources[0].path_labels",
+            "invalid regex",
+        ),
+        (
+            format!("{good}format = \"cri\"\nlabels = {{ stream = \"x\" }}\n")
+                .replace("labels = { job = \"app\" }\n", ""),
+            "sources[0].labels.stream",
+            "stream_as",
+        ),
+        (
+            format!("{good}[sources.multiline]\nstart = '^(unclosed'\n"),
+            "sources[0].multiline.start",
+            "invalid regex",
+        ),
+        (
+            format!("{good}format = \"cri\"\n[sources.timestamp]\nregex = '^(\\S+)'\n"),
+            "sources[0].timestamp",
+            "raw sources only",
+        ),
+        (
+            format!("{good}[sources.timestamp]\nregex = '^(\\S+)'\nzone = \"Europe/Paris\"\n"),
+            "sources[0].timestamp.zone",
+            "fixed offset",
+        ),
+        (
+            format!("{good}metadata_fields = [\"trace-id\"]\n"),
+            "sources[0].metadata_fields[0]",
+            "invalid label name",
+        ),
+        (
+            format!(
+                "{good}path_labels = '/(?P<a>.)(?P<b>.)(?P<c>.)(?P<d>.)(?P<e>.)(?P<f>.)(?P<g>.)(?P<h>.)(?P<i>.)(?P<j>.)(?P<k>.)(?P<l>.)(?P<m>.)(?P<n>.)'\n"
+            ),
+            "sources[0].labels",
+            "exceed Loki's default limit",
+        ),
     ];
     for (config, key, reason) in cases {
         let (code, out) = check(&env, &config);
