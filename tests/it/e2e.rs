@@ -9,7 +9,22 @@ use crate::support::store::{Terminator, VictoriaLogs};
 use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, with_workload_api};
 
 fn spiffe_config(env: &Env, url: &str, spire: &Spire, job: &str, body: &str) -> String {
-    let config = env.config(&format!("{url}/insert"), &format!("body = \"{body}\""), "");
+    spiffe_config_with(env, url, spire, job, body, "")
+}
+
+fn spiffe_config_with(
+    env: &Env,
+    url: &str,
+    spire: &Spire,
+    job: &str,
+    body: &str,
+    extra: &str,
+) -> String {
+    let config = env.config(
+        &format!("{url}/insert"),
+        &format!("body = \"{body}\"\nprovenance = true"),
+        extra,
+    );
     with_workload_api(&config, &spire.endpoint(), Some("ztail"))
         .replace("job = \"app\"", &format!("job = \"{job}\""))
 }
@@ -38,8 +53,22 @@ async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_fo
     for body in ["protobuf", "json"] {
         let env = Env::new();
         let job = format!("e2e-{body}");
-        let config = spiffe_config(&env, &term.url(), &spire, &job, body) + &probe;
+        // A container log in the CRI format, beside the raw file.
+        let cri_source = format!(
+            "\n[[sources]]\nname = \"pods\"\ninclude = [\"logs/pods/*/*/*.log\"]\nstart_at = \"beginning\"\nformat = \"cri\"\nstream_as = \"metadata\"\npath_labels = '/pods/(?P<namespace>[^/_]+)_(?P<pod>[^/_]+)_[^/]+/(?P<container>[^/]+)/'\nlabels = {{ job = \"{job}-cri\" }}\n"
+        );
+        let config =
+            spiffe_config_with(&env, &term.url(), &spire, &job, body, &cri_source) + &probe;
         let zt = Ztail::start(&env, &config);
+        let written = crate::formats::an_hour_ago() + 123_456_789;
+        let pod = env.path("logs/pods/shop_web-0_uid/nginx/0.log");
+        std::fs::create_dir_all(pod.parent().unwrap()).unwrap();
+        let time = crate::formats::rfc3339(written);
+        std::fs::write(
+            &pod,
+            format!("{time} stderr P joined \n{time} stderr F across records\n"),
+        )
+        .unwrap();
         let log = env.path("logs/app.log");
         std::fs::write(
             &log,
@@ -57,6 +86,27 @@ async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_fo
         );
         let msgs: Vec<&str> = got.iter().map(|e| e["_msg"].as_str().unwrap()).collect();
         assert_eq!(msgs, LINES, "{body}: exact text, in order");
+
+        // The CRI entry: framing stripped, partials joined, the runtime's time, labels from the
+        // path, and as structured metadata its stream and the SPIFFE ID SPIRE gave ztail.
+        let cri = vl
+            .wait_for(&format!("job:={job}-cri"), 1, Duration::from_secs(60))
+            .await;
+        assert_eq!(cri.len(), 1, "{body}: {cri:?}");
+        let e = &cri[0];
+        assert_eq!(e["_msg"], "joined across records", "{body}: {e}");
+        assert_eq!(
+            e["_time"],
+            time.as_str(),
+            "{body}: the runtime's timestamp: {e}"
+        );
+        assert_eq!(
+            (&e["namespace"], &e["pod"], &e["container"]),
+            (&"shop".into(), &"web-0".into(), &"nginx".into()),
+            "{body}: path labels: {e}"
+        );
+        assert_eq!(e["stream"], "stderr", "{body}: {e}");
+        assert_eq!(e["agent_spiffe_id"], ZTAIL_ID, "{body}: provenance: {e}");
         for e in &got {
             assert_eq!(e["job"], job.as_str(), "{body}: job label");
             assert_eq!(

@@ -26,7 +26,7 @@ fn append(path: &Path, text: &str) {
 }
 
 /// RFC 3339 with nanoseconds, UTC, for Unix nanoseconds `ns`.
-fn rfc3339(ns: i128) -> String {
+pub fn rfc3339(ns: i128) -> String {
     let secs = ns.div_euclid(1_000_000_000) as i64;
     let nanos = ns.rem_euclid(1_000_000_000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -57,7 +57,7 @@ fn now_ns() -> i128 {
 
 /// A whole second about an hour ago: recent enough for Loki's age limit on any day the tests
 /// run, old enough to tell a written timestamp from the read time.
-fn an_hour_ago() -> i128 {
+pub fn an_hour_ago() -> i128 {
     let s = 1_000_000_000;
     (now_ns() - 3600 * s) / s * s
 }
