@@ -149,6 +149,44 @@ pub struct SourceConfig {
 }
 
 impl Config {
+    /// What is valid but unsafe about the files this config names: a config others can
+    /// rewrite (they would choose what ztail trusts), a key others can read (they could
+    /// impersonate ztail), a state directory others can write (they could rewind or forge
+    /// checkpoints). `ztail check` prints these; `ztail run` logs them at start.
+    pub fn permission_warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).ok().map(|m| m.permissions().mode());
+        let mut out = Vec::new();
+        if let Some(m) = mode(&self.file)
+            && m & 0o002 != 0
+        {
+            out.push(format!(
+                "{} is world-writable: anyone on this host can change what ztail trusts (chmod o-w)",
+                self.file.display()
+            ));
+        }
+        if let IdentityConfig::Files(files) = &self.identity
+            && let Some(m) = mode(&files.key)
+            && m & 0o044 != 0
+        {
+            out.push(format!(
+                "the key file {} is readable by its group or others (mode {:o}): they can impersonate ztail (chmod 600)",
+                files.key.display(),
+                m & 0o777
+            ));
+        }
+        if let Some(m) = mode(&self.state_dir)
+            && m & 0o022 != 0
+        {
+            out.push(format!(
+                "the state directory {} is writable by its group or others (mode {:o}): they can rewind or forge checkpoints (chmod 700)",
+                self.state_dir.display(),
+                m & 0o777
+            ));
+        }
+        out
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {

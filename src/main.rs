@@ -94,6 +94,9 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    for warning in config.permission_warnings() {
+        eprintln!("ztail: warning: {warning}");
+    }
     match &config.identity {
         IdentityConfig::Files(files) => {
             let missing: Vec<_> = [&files.cert, &files.key, &files.bundle]
@@ -133,6 +136,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.log.format, &config.log.level);
+    for warning in config.permission_warnings() {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -51,7 +51,9 @@ pub struct Loaded {
 impl StateDir {
     /// Creates (if needed) and locks the state directory.
     pub fn open(dir: &Path) -> anyhow::Result<StateDir> {
-        fs::create_dir_all(dir)
+        // Only ztail's user may read or write its checkpoints (they decide what is re-sent).
+        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)
             .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()

@@ -15,6 +15,7 @@ mod identity;
 mod pki_profile;
 mod probes;
 mod receiver_selftest;
+mod security;
 mod sink;
 mod spire;
 mod workload_faults;

@@ -167,6 +167,30 @@ pub struct Ztail {
     pub admin: SocketAddr,
     pub log_path: PathBuf,
     pub config_path: PathBuf,
+    rust_log: String,
+    /// Strings that must never appear in ztail's output (see [`key_needles`]).
+    pub secrets: Vec<String>,
+}
+
+/// Strings that would show a private key in a log: the PEM armour, each base64 line of the
+/// key, and a slice of its bytes in hex and in Rust's `Debug` list notation.
+pub fn key_needles(key_pem: &str) -> Vec<String> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut needles = vec!["PRIVATE KEY".to_owned()];
+    needles.extend(
+        key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+            .map(str::to_owned),
+    );
+    if let Ok(der) = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()) {
+        let bytes = der.secret_der();
+        let mid = &bytes[bytes.len() / 2..][..16.min(bytes.len() / 2)];
+        needles.push(mid.iter().map(|b| format!("{b:02x}")).collect());
+        needles.push(mid.iter().map(u8::to_string).collect::<Vec<_>>().join(", "));
+    }
+    needles
 }
 
 /// A port free on 127.0.0.1 right now.
@@ -181,6 +205,11 @@ pub fn free_port() -> u16 {
 impl Ztail {
     /// Writes `config` (plus an admin address) to `ztail.toml` in the env and starts ztail.
     pub fn start(env: &Env, config: &str) -> Ztail {
+        Ztail::start_logging(env, config, "info,ztail=debug")
+    }
+
+    /// [`Ztail::start`] with this `RUST_LOG`.
+    pub fn start_logging(env: &Env, config: &str, rust_log: &str) -> Ztail {
         let port = free_port();
         let config_path = env.path("ztail.toml");
         fs::write(
@@ -188,10 +217,12 @@ impl Ztail {
             format!("{config}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
         )
         .unwrap();
-        Ztail::start_with(&config_path, port)
+        let mut zt = Ztail::start_with(&config_path, port, rust_log);
+        zt.secrets = key_needles(&env.client.key_pem);
+        zt
     }
 
-    fn start_with(config_path: &Path, port: u16) -> Ztail {
+    fn start_with(config_path: &Path, port: u16, rust_log: &str) -> Ztail {
         let dir = config_path.parent().unwrap();
         let n = fs::read_dir(dir).unwrap().count();
         let log_path = dir.join(format!("ztail-{n}.log"));
@@ -200,7 +231,7 @@ impl Ztail {
             .arg("run")
             .arg("-c")
             .arg(config_path)
-            .env("RUST_LOG", "info,ztail=debug")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -210,13 +241,31 @@ impl Ztail {
             admin: SocketAddr::from(([127, 0, 0, 1], port)),
             log_path,
             config_path: config_path.to_owned(),
+            rust_log: rust_log.to_owned(),
+            secrets: Vec::new(),
         }
     }
 
     /// Starts ztail again with the same config and admin port.
     pub fn restart(&mut self) {
         let port = self.admin.port();
-        *self = Ztail::start_with(&self.config_path.clone(), port);
+        let secrets = std::mem::take(&mut self.secrets);
+        let rust_log = self.rust_log.clone();
+        *self = Ztail::start_with(&self.config_path.clone(), port, &rust_log);
+        self.secrets = secrets;
+    }
+
+    /// Panics if ztail's output so far shows any of [`Ztail::secrets`].
+    pub fn assert_no_key_material(&self) {
+        let log = self.log();
+        for needle in &self.secrets {
+            assert!(
+                !log.contains(needle.as_str()),
+                "ztail's log {} shows key material ({}…)",
+                self.log_path.display(),
+                &needle[..needle.len().min(12)]
+            );
+        }
     }
 
     /// The pid, or None after `kill`/`terminate`.
@@ -307,6 +356,10 @@ impl Ztail {
 impl Drop for Ztail {
     fn drop(&mut self) {
         self.kill();
+        // Every test that runs ztail also checks that its output never showed the key.
+        if !std::thread::panicking() {
+            self.assert_no_key_material();
+        }
         if std::thread::panicking() {
             eprintln!(
                 "---- ztail log ({}) ----\n{}",
