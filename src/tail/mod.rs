@@ -14,6 +14,9 @@ pub mod format;
 pub mod reader;
 pub mod timestamp;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, Metadata, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
