@@ -6,8 +6,9 @@
 //! client config published by [`identity`] → acknowledgements advance the positions that
 //! [`tail::checkpoint`] persists. [`admin`] shows it all on loopback.
 //!
-//! ztail does not parse or transform log lines beyond splitting, truncating over-long lines and
-//! replacing invalid UTF-8, and it never sends anything without verified mutual TLS.
+//! ztail transforms log lines only as a source's framing says (CRI/Docker records decoded,
+//! partial records joined, multiline groups, timestamps and metadata extracted; see
+//! [`tail::format`]), and it never sends anything without verified mutual TLS.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -218,6 +218,18 @@ fn client_config(
     Ok(config)
 }
 
+/// Parses a certificate chain, key and bundle as [`load`] does, without touching the disk or
+/// checking validity times; returns the SVID's SPIFFE ID. For the fuzzer (`fuzz/`).
+#[doc(hidden)]
+pub fn parse_material(cert: &[u8], key: &[u8], bundle: &[u8]) -> anyhow::Result<String> {
+    let path = Path::new("<input>");
+    let chain = parse_chain(cert, path)?;
+    parse_key(key, path)?;
+    parse_bundle(bundle, path)?;
+    let (id, _, _) = svid_info(&chain[0]).map_err(|r| anyhow!("not a valid X509-SVID: {r}"))?;
+    Ok(id.to_string())
+}
+
 fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {what} file {}", path.display()))
 }

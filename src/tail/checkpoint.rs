@@ -131,9 +131,8 @@ impl StateDir {
         out.push_str(HEADER);
         out.push('\n');
         for e in entries {
-            // Serializing plain integers and a path cannot fail.
-            let json = serde_json::to_string(e).unwrap_or_default();
-            out.push_str(&format!("{:016x} {json}\n", hash(json.as_bytes())));
+            out.push_str(&format_line(e));
+            out.push('\n');
         }
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         let mut f = File::create(&tmp)?;
@@ -145,7 +144,15 @@ impl StateDir {
     }
 }
 
-fn parse_line(line: &str) -> Option<Entry> {
+/// One checkpoint line: the FNV-1a hash of the JSON, in hex, then the JSON.
+pub fn format_line(e: &Entry) -> String {
+    // Serializing plain integers and a path cannot fail.
+    let json = serde_json::to_string(e).unwrap_or_default();
+    format!("{:016x} {json}", hash(json.as_bytes()))
+}
+
+/// Parses a line written by [`format_line`]; `None` if it is damaged in any way.
+pub fn parse_line(line: &str) -> Option<Entry> {
     let (sum, json) = line.split_once(' ')?;
     let sum = u64::from_str_radix(sum, 16).ok()?;
     if sum != hash(json.as_bytes()) {

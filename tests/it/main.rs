@@ -10,6 +10,7 @@ mod delivery;
 mod demo;
 mod deploy;
 mod e2e;
+mod faults;
 mod formats;
 mod identity;
 mod pki_profile;

@@ -1,0 +1,39 @@
+//! The checkpoint line reader: any line parses or is rejected, and every entry round-trips.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use ztail::tail::checkpoint::{Entry, format_line, parse_line};
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    for line in text.lines() {
+        let _ = parse_line(line);
+    }
+    if data.len() < 48 {
+        return;
+    }
+    let n = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().unwrap());
+    let entry = Entry {
+        dev: n(0),
+        ino: n(1),
+        path: String::from_utf8_lossy(&data[48..]).into_owned().into(),
+        head_len: n(2) as u32,
+        head_hash: n(3),
+        offset: n(4),
+        tail_len: n(5) as u32,
+        tail_hash: n(5) >> 32,
+    };
+    let line = format_line(&entry);
+    assert!(!line.contains('\n'), "one entry, one line: {line:?}");
+    assert_eq!(parse_line(&line), Some(entry.clone()));
+    // A flipped bit is detected: the line is rejected or still means the same entry (e.g. a
+    // hex digit changed case); it never yields a different position.
+    let mut damaged = line.into_bytes();
+    let at = data[0] as usize % damaged.len();
+    damaged[at] ^= 1 << (data[1] % 7);
+    if let Ok(d) = String::from_utf8(damaged)
+        && let Some(parsed) = parse_line(&d)
+    {
+        assert_eq!(parsed, entry, "a damaged line read as another entry: {d:?}");
+    }
+});

@@ -1,0 +1,70 @@
+//! The line splitter and framing (raw, CRI, Docker, multiline) over a real file read in small
+//! pieces: no panic, every entry valid UTF-8 within its size limit, and the whole file consumed
+//! once the last entry is flushed.
+#![no_main]
+
+use std::io::{Seek, Write};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use ztail::tail::format::{Format, Framing, Multiline, StreamAs};
+use ztail::tail::reader::FileReader;
+
+fn scratch() -> &'static std::path::Path {
+    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+        std::path::PathBuf::from(format!("{dir}/ztail-fuzz-framing-{}", std::process::id()))
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [a, b, content @ ..] = data else { return };
+    let max_line = 16 + (*b as usize % 64);
+    let mut framing = Framing::raw(max_line);
+    framing.format = match a % 4 {
+        0 => Format::Raw,
+        1 => Format::Cri,
+        _ => Format::Docker,
+    };
+    framing.stream_as = if a & 4 == 0 { StreamAs::Label } else { StreamAs::Metadata };
+    let mut limit = max_line;
+    if a & 8 != 0 || a % 4 == 3 {
+        let max_bytes = max_line * 3;
+        framing.multiline = Some(Multiline {
+            start: regex::bytes::Regex::new("^[A-Z]").unwrap(),
+            max_lines: 1 + (*b as usize % 5),
+            max_bytes,
+            timeout: Duration::from_secs(1),
+        });
+        limit = max_bytes;
+    }
+    if a & 16 != 0 {
+        framing.json_fields = vec!["level".into(), "trace_id".into()];
+    }
+    let buf = 1 + (*b as usize % 97);
+
+    let path = scratch();
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(content).unwrap();
+    f.rewind().unwrap();
+    let mut r = FileReader::new(f, 0, Arc::new(framing), buf).unwrap();
+    let mut check = |chunk: ztail::tail::reader::ReadLines| {
+        for e in &chunk.entries {
+            let text = &chunk.data[e.start as usize..e.end as usize];
+            assert!(std::str::from_utf8(text).is_ok(), "entry is not UTF-8");
+            assert!(text.len() <= limit, "entry of {} bytes over {limit}", text.len());
+        }
+        for m in &chunk.meta {
+            assert!(std::str::from_utf8(&chunk.data[m.start as usize..m.end as usize]).is_ok());
+        }
+    };
+    while let Some(chunk) = r.read_chunk().unwrap() {
+        check(chunk);
+    }
+    if let Some(chunk) = r.flush_partial() {
+        check(chunk);
+    }
+    assert_eq!(r.position().offset, content.len() as u64, "the file is consumed");
+});

@@ -1,0 +1,289 @@
+//! Fault matrix rows (issue 8) not covered by the delivery, sink, identity and SPIRE tests:
+//! hostile receivers, hostile files, a broken state directory, shutdown during a retry storm.
+//! Each row asserts what the receiver got and prints its figures; `scripts/faults` runs the
+//! whole matrix.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use crate::support::receiver::{Fault, Receiver, ReceiverOpts};
+use crate::support::ztail::{Env, LOKI_ID, Ztail, append_lines, free_port};
+use crate::{WAIT, expected, lines_by_file};
+
+fn lines_of(rx: &Receiver, path: &std::path::Path) -> Vec<String> {
+    lines_by_file(&rx.entries())
+        .remove(&path.display().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_accepts_tcp_and_never_speaks_tls_stalls_nothing() {
+    let env = Env::new();
+    let port = free_port();
+    // Accepts connections and holds them open without a byte of TLS.
+    let silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        silent.set_nonblocking(true).unwrap();
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            if let Ok((c, _)) = silent.accept() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        conns.len()
+    });
+    let url = format!("https://127.0.0.1:{port}");
+    let config = env
+        .config(&url, "timeout = \"1s\"", "")
+        .replace("max_backoff = \"1s\"", "max_backoff = \"500ms\"");
+    let zt = Ztail::start(&env, &config);
+    let log = env.path("logs/app.log");
+    append_lines(&log, "s", 0..1000);
+    let accepted = held.join().unwrap();
+    assert!(
+        accepted >= 2,
+        "ztail retried the stalled handshake ({accepted} connections)"
+    );
+    assert_eq!(
+        zt.get("/readyz").await.0,
+        503,
+        "not ready while Loki stalls"
+    );
+
+    // The real receiver takes over the port: everything arrives, once.
+    let leaf = env.ca.issue(LOKI_ID);
+    let rx = Receiver::start(ReceiverOpts::new(&leaf, &env.ca).with_port(port)).await;
+    assert!(rx.wait_for(|e| e.len() >= 1000, WAIT).await, "{}", zt.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(lines_of(&rx, &log), expected("s", 0..1000));
+    println!("row silent-tls: {accepted} stalled connections, 1000/1000 lines, 0 duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_second_responses_are_retried_and_nothing_is_lost() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    rx.push_faults([
+        Fault::Slow(Duration::from_secs(10)),
+        Fault::Slow(Duration::from_secs(10)),
+    ]);
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "timeout = \"2s\"", ""));
+    let log = env.path("logs/app.log");
+    append_lines(&log, "slow", 0..500);
+    assert!(rx.wait_for(|e| e.len() >= 500, WAIT).await, "{}", zt.log());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lines = lines_of(&rx, &log);
+    let mut distinct = lines.clone();
+    distinct.dedup();
+    assert_eq!(distinct, expected("slow", 0..500), "every line, in order");
+    let timeouts = zt
+        .metric("ztail_push_requests_total{status=\"timeout\"}")
+        .await;
+    assert!(timeouts >= 1.0, "the slow answers timed out ({timeouts})");
+    println!(
+        "row slow-10s: {timeouts} timeouts, 500/500 lines, {} duplicates",
+        lines.len() - distinct.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_directories_and_symlinks_matching_the_glob_never_block_or_duplicate() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let logs = env.path("logs");
+    // A FIFO nobody writes to: opening it for reading would block forever.
+    let fifo = logs.join("pipe.log");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .map(|s| s.success())
+            .ok(),
+        Some(true),
+        "mkfifo {c:?}"
+    );
+    fs::create_dir(logs.join("dir.log")).unwrap();
+    // A symlink to a file that also matches: one inode, read once.
+    let real = logs.join("real.log");
+    std::os::unix::fs::symlink(&real, logs.join("link.log")).unwrap();
+    append_lines(&real, "r", 0..300);
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    assert!(rx.wait_for(|e| e.len() >= 300, WAIT).await, "{}", zt.log());
+    tokio::time::sleep(Duration::from_millis(1500)).await; // two rescans
+    assert_eq!(rx.entries().len(), 300, "the symlinked file is read once");
+    assert_eq!(zt.get("/healthz").await.0, 200, "not blocked by the FIFO");
+    append_lines(&real, "r", 300..400);
+    assert!(rx.wait_for(|e| e.len() >= 400, WAIT).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_and_invalid_utf8_arrive_as_data() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let _zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    let log = env.path("logs/bytes.log");
+    fs::write(&log, b"nul\0inside\nbad \xff\xfe utf8\nok\n").unwrap();
+    assert!(rx.wait_for(|e| e.len() >= 3, WAIT).await);
+    assert_eq!(
+        lines_of(&rx, &log),
+        ["nul\0inside", "bad \u{fffd}\u{fffd} utf8", "ok"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2_gib_line_without_a_newline_is_cut_and_memory_stays_bounded() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let zt = Ztail::start(
+        &env,
+        &env.config(&rx.url(), "", "max_line_bytes = \"64KiB\""),
+    );
+    let log = env.path("logs/huge.log");
+    // A sparse file: "before", then 2 GiB of NUL bytes without a newline, then "after".
+    let mut f = fs::File::create(&log).unwrap();
+    f.write_all(b"before\n").unwrap();
+    let gib2 = 2u64 << 30;
+    f.write_all_at(b"\nafter\n", 7 + gib2).unwrap();
+    drop(f);
+    let started = Instant::now();
+    assert!(
+        rx.wait_for(
+            |e| e.iter().any(|e| e.line == "after"),
+            Duration::from_secs(300)
+        )
+        .await,
+        "{}",
+        zt.log()
+    );
+    let lines = lines_of(&rx, &log);
+    assert_eq!(lines.len(), 3, "before, the cut line, after");
+    assert_eq!(lines[0], "before");
+    assert_eq!(lines[1].len(), 64 << 10, "cut at max_line_bytes");
+    assert!(lines[1].bytes().all(|b| b == 0));
+    assert_eq!(lines[2], "after");
+    let rss = zt.peak_rss_kib();
+    assert!(
+        rss < 128 * 1024,
+        "peak RSS {rss} KiB while reading a 2 GiB line"
+    );
+    assert_eq!(zt.metric("ztail_lines_truncated_total").await, 1.0);
+    println!(
+        "row 2gib-line: read in {:.1} s, peak RSS {} MiB",
+        started.elapsed().as_secs_f64(),
+        rss / 1024
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_checkpoint_file_costs_duplicates_never_lines() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let config = env.config(&rx.url(), "", "");
+    let mut zt = Ztail::start(&env, &config);
+    let log = env.path("logs/app.log");
+    append_lines(&log, "g", 0..1000);
+    assert!(rx.wait_for(|e| e.len() >= 1000, WAIT).await);
+    zt.terminate(Duration::from_secs(10));
+    let checkpoints: Vec<_> = fs::read_dir(env.path("state"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n != "lock"))
+        .collect();
+    assert!(!checkpoints.is_empty(), "a checkpoint file was written");
+    for (i, p) in checkpoints.iter().enumerate() {
+        match i % 2 {
+            0 => fs::write(p, b"\x00\xffgarbage{{{\n\n}").unwrap(),
+            _ => fs::write(p, b"").unwrap(),
+        }
+    }
+    append_lines(&log, "g", 1000..1500);
+    zt.restart();
+    assert!(rx.wait_for(|e| e.len() >= 2500, WAIT).await, "{}", zt.log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lines = lines_of(&rx, &log);
+    let mut distinct = lines.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct, expected("g", 0..1500), "nothing lost");
+    assert!(zt.log().contains("damaged"), "the damage is reported");
+    println!(
+        "row garbage-checkpoint: {} duplicates, 0 lost",
+        lines.len() - 1500
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_directory_deleted_while_running_is_reported_and_shipping_goes_on() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    let log = env.path("logs/app.log");
+    append_lines(&log, "d", 0..100);
+    assert!(rx.wait_for(|e| e.len() >= 100, WAIT).await);
+    fs::remove_dir_all(env.path("state")).unwrap();
+    append_lines(&log, "d", 100..200);
+    assert!(rx.wait_for(|e| e.len() >= 200, WAIT).await);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let recreated = env.path("state").join("checkpoints.jsonl").exists()
+            || fs::read_dir(env.path("state")).is_ok_and(|d| d.count() > 0);
+        let errors = zt.metric("ztail_checkpoint_write_errors_total").await;
+        if recreated || errors >= 1.0 {
+            println!("row state-deleted: recreated={recreated}, write errors={errors}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither recreated nor reported:\n{}",
+            zt.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines_of(&rx, &log), expected("d", 0..200));
+    assert_eq!(zt.get("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_retry_storm_exits_in_bounded_time_and_loses_nothing() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    rx.push_faults((0..10_000).map(|_| Fault::Status(503)));
+    let mut zt = Ztail::start(
+        &env,
+        &env.config(&rx.url(), "", "")
+            .replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"2s\""),
+    );
+    let log = env.path("logs/app.log");
+    append_lines(&log, "storm", 0..2000);
+    let deadline = Instant::now() + WAIT;
+    while zt.metric("ztail_push_retries_total").await < 20.0 {
+        assert!(Instant::now() < deadline, "no retry storm:\n{}", zt.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Instant::now();
+    let status = zt.terminate(Duration::from_secs(15));
+    let took = t.elapsed();
+    assert!(status.success(), "{status:?}\n{}", zt.log());
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown took {took:?} (timeout 2 s)"
+    );
+
+    // Loki recovers; the restart ships everything the storm held back.
+    let rx2 = env.receiver(LOKI_ID).await;
+    let config = env.config(&rx2.url(), "", "");
+    let _zt = Ztail::start(&env, &config);
+    assert!(rx2.wait_for(|e| e.len() >= 2000, WAIT).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(lines_of(&rx2, &log), expected("storm", 0..2000));
+    println!(
+        "row sigterm-storm: shutdown in {:.2} s, 2000/2000 lines after restart",
+        took.as_secs_f64()
+    );
+}
