@@ -287,3 +287,150 @@ async fn sigterm_during_a_retry_storm_exits_in_bounded_time_and_loses_nothing() 
         took.as_secs_f64()
     );
 }
+
+/// A tmpfs mounted over a directory for one test (needs root, as ztail's CI has), unmounted
+/// on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mounting a small tmpfs for the state directory needs root"
+        );
+        Tmpfs(dir.to_owned())
+    }
+
+    fn remount(&self, mode: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {mode}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The committed offset the checkpoint file records (0 if none).
+fn checkpointed_offset(state: &std::path::Path) -> u64 {
+    let text = fs::read_to_string(state.join("checkpoints.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
+        .filter_map(|v| v["offset"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_read_only_state_directory_is_reported_and_nothing_is_lost() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let state = env.path("state");
+    let fs_ = Tmpfs::mount(&state, "64k");
+    let mut zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    let log = env.path("logs/app.log");
+    append_lines(&log, "n", 0..100);
+    assert!(rx.wait_for(|e| e.len() >= 100, WAIT).await, "{}", zt.log());
+
+    // Full: checkpoints cannot be written, shipping goes on.
+    let mut filler = fs::File::create(state.join("filler")).unwrap();
+    while filler.write_all(&[0u8; 4096]).is_ok() {}
+    drop(filler);
+    append_lines(&log, "n", 100..300);
+    assert!(rx.wait_for(|e| e.len() >= 300, WAIT).await);
+    let deadline = Instant::now() + WAIT;
+    while zt.metric("ztail_checkpoint_write_errors_total").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "ENOSPC not reported:\n{}",
+            zt.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let full_errors = zt.metric("ztail_checkpoint_write_errors_total").await;
+    assert_eq!(zt.get("/healthz").await.0, 200);
+
+    // Space again: the next checkpoint records everything acknowledged.
+    fs::remove_file(state.join("filler")).unwrap();
+    let size = fs::metadata(&log).unwrap().len();
+    while checkpointed_offset(&state) < size {
+        assert!(
+            Instant::now() < deadline,
+            "checkpoints never resumed:\n{}",
+            zt.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let write_errors = full_errors;
+    // A crash, and the state directory comes back read-only: ztail refuses to start and says
+    // why (it could not keep its promise), rather than shipping without checkpoints.
+    zt.kill();
+    fs_.remount("ro");
+    append_lines(&log, "n", 300..400);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztail"))
+        .args(["run", "-c"])
+        .arg(&zt.config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a read-only state directory is an error"
+    );
+    assert!(
+        stderr.contains(&state.display().to_string()) && stderr.contains("Read-only"),
+        "names the directory and the reason: {stderr}"
+    );
+    // Writable again: the restart resumes from the last checkpoint, nothing is lost.
+    fs_.remount("rw");
+    append_lines(&log, "n", 400..500);
+    zt.restart();
+    assert!(
+        rx.wait_for(
+            |e| e
+                .iter()
+                .filter(|e| e.line.starts_with("n "))
+                .map(|e| &e.line)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                >= 500,
+            WAIT
+        )
+        .await,
+        "{}",
+        zt.log()
+    );
+    let lines = lines_of(&rx, &log);
+    let mut distinct = lines.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct, expected("n", 0..500));
+    println!(
+        "row state-full-and-read-only: {write_errors} checkpoint write errors, {} duplicates after the crash, 0 lost",
+        lines.len() - 500
+    );
+    drop(zt);
+}
