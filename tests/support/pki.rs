@@ -125,6 +125,17 @@ impl Ca {
         self.sign(spiffe_id, LeafKind::Svid, 2 * DAY, DAY)
     }
 
+    /// A short-lived X509-SVID: valid from 1 minute ago until `secs` seconds from now.
+    pub fn issue_expiring_in(&self, spiffe_id: &str, secs: u64) -> Leaf {
+        let minute = Duration::from_secs(60);
+        self.sign(
+            spiffe_id,
+            LeafKind::Svid,
+            minute,
+            minute + Duration::from_secs(secs),
+        )
+    }
+
     /// A leaf that is not a valid SVID because it has the CA flag (`cA=true`) set; otherwise like
     /// [`Ca::issue`]. For negative tests: SPIFFE verifiers and webpki must refuse it as a peer.
     pub fn issue_ca_flagged(&self, spiffe_id: &str) -> Leaf {
