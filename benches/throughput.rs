@@ -13,9 +13,12 @@
 //!
 //! Under `cargo test` (debug build) it runs a 2 MB corpus only, to keep the harness working.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
+
+use common::receiver::{digest, receiver};
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -23,7 +26,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::receiver::proto::PushRequest;
 use support::ztail::{Env, LOKI_ID, Ztail};
 
 fn main() {
@@ -32,7 +34,7 @@ fn main() {
         .filter(|a| a != "--bench")
         .collect();
     if args.first().map(String::as_str) == Some("--receiver") {
-        return receiver(&args[1..]);
+        return receiver(&args[1..], false);
     }
     let mb: usize = args
         .first()
@@ -70,17 +72,6 @@ impl Run {
     fn per_message_gib(&self) -> f64 {
         self.cpu / (self.message_bytes as f64 / (1u64 << 30) as f64)
     }
-}
-
-/// FNV-1a of a line, summed over lines: equal sums and counts mean the same multiset of lines
-/// (with overwhelming probability), whatever the arrival order.
-fn digest(line: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in line {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// Deterministic lines of the shape: 70 % plain text, 20 % JSON, 10 % logfmt, ~206 B;
@@ -335,94 +326,4 @@ async fn drive(mb: usize, case: &str) -> Run {
         file_bytes: corpus.bytes,
         message_bytes: corpus.message_bytes,
     }
-}
-
-/// The counting receiver: decodes every request fully (snappy, protobuf) and prints running
-/// totals. Args: server cert, key, client CA bundle (PEM files).
-fn receiver(args: &[String]) {
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::Bytes;
-    use prost::Message;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&args[0])
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let key = PrivateKeyDer::from_pem_file(&args[1]).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&args[2]).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("PORT {}", listener.local_addr().unwrap().port());
-        let totals = Arc::new(std::sync::Mutex::new((0u64, 0u64)));
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let (acceptor, totals) = (acceptor.clone(), totals.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let totals = totals.clone();
-                        async move {
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let raw = snap::raw::Decoder::new()
-                                .decompress_vec(&body)
-                                .expect("snappy block");
-                            let push = PushRequest::decode(raw.as_slice()).expect("protobuf");
-                            let (mut n, mut s) = (0u64, 0u64);
-                            for stream in &push.streams {
-                                for e in &stream.entries {
-                                    n += 1;
-                                    s = s.wrapping_add(digest(&e.line));
-                                }
-                            }
-                            let (count, sum) = {
-                                let mut t = totals.lock().unwrap();
-                                t.0 += n;
-                                t.1 = t.1.wrapping_add(s);
-                                *t
-                            };
-                            println!("COUNT {count} DIGEST {sum}");
-                            let mut resp = hyper::Response::new(Full::new(Bytes::new()));
-                            *resp.status_mut() = hyper::StatusCode::NO_CONTENT;
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
 }

@@ -1,0 +1,3 @@
+//! Shared by the benchmark harnesses.
+
+pub mod receiver;
