@@ -756,3 +756,36 @@ async fn inode_reuse_across_a_restart_reads_the_new_file_from_its_start() {
     );
     println!("row inode-reuse: inode reused = {reused}, 2000/2000 lines of the new file");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_ztail_may_not_read_is_reported_and_read_once_permitted() {
+    const NOBODY: u32 = 65534;
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let ok = env.path("logs/ok.log");
+    append_lines(&ok, "ok", 0..100);
+    let config = env.config(&rx.url(), "", "");
+    let zt = Ztail::start_as(&env, &config, NOBODY);
+    // Created by root after the tree was handed to nobody: unreadable for ztail.
+    let secret = env.path("logs/secret.log");
+    append_lines(&secret, "secret", 0..100);
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    assert!(rx.wait_for(|e| e.len() >= 100, WAIT).await, "{}", zt.log());
+    let deadline = Instant::now() + WAIT;
+    while !zt.log().contains("cannot open a matching file") {
+        assert!(
+            Instant::now() < deadline,
+            "EACCES not reported:\n{}",
+            zt.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines_of(&rx, &secret).len(), 0);
+    // Permitted: the next rescan reads it whole; the readable file never stopped.
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    append_lines(&ok, "ok", 100..200);
+    assert!(rx.wait_for(|e| e.len() >= 300, WAIT).await, "{}", zt.log());
+    assert_eq!(lines_of(&rx, &secret), expected("secret", 0..100));
+    assert_eq!(lines_of(&rx, &ok), expected("ok", 0..200));
+    println!("row permission-denied: reported, then 100/100 lines once readable");
+}

@@ -161,6 +161,16 @@ pub fn append_lines(path: &Path, prefix: &str, range: std::ops::Range<usize>) {
     f.write_all(buf.as_bytes()).unwrap();
 }
 
+/// Gives a whole tree to `uid` (and gid `uid`).
+pub fn chown_tree(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+    if path.is_dir() && !path.is_symlink() {
+        for entry in fs::read_dir(path).unwrap().flatten() {
+            chown_tree(&entry.path(), uid);
+        }
+    }
+}
+
 /// A running ztail process.
 pub struct Ztail {
     child: Option<Child>,
@@ -168,6 +178,8 @@ pub struct Ztail {
     pub log_path: PathBuf,
     pub config_path: PathBuf,
     rust_log: String,
+    /// Runs as this uid (and gid) when set.
+    user: Option<u32>,
     /// Strings that must never appear in ztail's output (see [`key_needles`]).
     pub secrets: Vec<String>,
 }
@@ -208,8 +220,18 @@ impl Ztail {
         Ztail::start_logging(env, config, "info,ztail=debug")
     }
 
+    /// [`Ztail::start`] as an unprivileged user (uid and gid `uid`, via `setpriv`): the test
+    /// suite runs as root, which no file permission stops.
+    pub fn start_as(env: &Env, config: &str, uid: u32) -> Ztail {
+        Ztail::start_full(env, config, "info,ztail=debug", Some(uid))
+    }
+
     /// [`Ztail::start`] with this `RUST_LOG`.
     pub fn start_logging(env: &Env, config: &str, rust_log: &str) -> Ztail {
+        Ztail::start_full(env, config, rust_log, None)
+    }
+
+    fn start_full(env: &Env, config: &str, rust_log: &str, user: Option<u32>) -> Ztail {
         let port = free_port();
         let config_path = env.path("ztail.toml");
         fs::write(
@@ -217,17 +239,31 @@ impl Ztail {
             format!("{config}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
         )
         .unwrap();
-        let mut zt = Ztail::start_with(&config_path, port, rust_log);
+        if let Some(uid) = user {
+            chown_tree(env.dir.path(), uid);
+        }
+        let mut zt = Ztail::start_with(&config_path, port, rust_log, user);
         zt.secrets = key_needles(&env.client.key_pem);
         zt
     }
 
-    fn start_with(config_path: &Path, port: u16, rust_log: &str) -> Ztail {
+    fn start_with(config_path: &Path, port: u16, rust_log: &str, user: Option<u32>) -> Ztail {
         let dir = config_path.parent().unwrap();
         let n = fs::read_dir(dir).unwrap().count();
         let log_path = dir.join(format!("ztail-{n}.log"));
         let log = fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ztail"))
+        let mut cmd = match user {
+            None => Command::new(env!("CARGO_BIN_EXE_ztail")),
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .arg("--clear-groups")
+                    .arg(env!("CARGO_BIN_EXE_ztail"));
+                c
+            }
+        };
+        let child = cmd
             .arg("run")
             .arg("-c")
             .arg(config_path)
@@ -243,6 +279,7 @@ impl Ztail {
             config_path: config_path.to_owned(),
             rust_log: rust_log.to_owned(),
             secrets: Vec::new(),
+            user,
         }
     }
 
@@ -251,7 +288,7 @@ impl Ztail {
         let port = self.admin.port();
         let secrets = std::mem::take(&mut self.secrets);
         let rust_log = self.rust_log.clone();
-        *self = Ztail::start_with(&self.config_path.clone(), port, &rust_log);
+        *self = Ztail::start_with(&self.config_path.clone(), port, &rust_log, self.user);
         self.secrets = secrets;
     }
 
