@@ -46,11 +46,17 @@ fuzz_target!(|data: &[u8]| {
     let buf = 1 + (*b as usize % 97);
 
     let path = scratch();
-    let mut f = std::fs::File::create(path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
     f.write_all(content).unwrap();
     f.rewind().unwrap();
     let mut r = FileReader::new(f, 0, Arc::new(framing), buf).unwrap();
-    let mut check = |chunk: ztail::tail::reader::ReadLines| {
+    let check = |chunk: ztail::tail::reader::ReadLines| {
         for e in &chunk.entries {
             let text = &chunk.data[e.start as usize..e.end as usize];
             assert!(std::str::from_utf8(text).is_ok(), "entry is not UTF-8");

@@ -500,6 +500,7 @@ impl Framer {
         let stream_label = f.stream_label();
         let max_ts = now.saturating_add(f.max_future.as_nanos() as i64);
         let all_valid = std::str::from_utf8(data).is_ok();
+        let limit = f.multiline.as_ref().map_or(f.max_line, |m| m.max_bytes);
         let mut stream_values = 0;
         if stream_meta {
             stream_values = data.len();
@@ -514,7 +515,11 @@ impl Framer {
                 text => {
                     let start = data.len();
                     let bytes = text.bytes(data).to_vec();
-                    data.extend_from_slice(String::from_utf8_lossy(&bytes).as_bytes());
+                    // U+FFFD is longer than the byte it replaces: cut again to the limit.
+                    let fixed = String::from_utf8_lossy(&bytes);
+                    let keep = cut_point(fixed.as_bytes(), limit);
+                    out.stats.truncated += (keep < fixed.len()) as u64;
+                    data.extend_from_slice(&fixed.as_bytes()[..keep]);
                     (start, data.len())
                 }
             };
@@ -971,5 +976,12 @@ mod tests {
         input.extend_from_slice(b"\xff\n");
         let (e, _, _) = frame(&mut fr, &input, false);
         assert_eq!(texts(&e), ["bad\u{fffd}"]);
+        // Replacement never takes an entry past its limit (found by fuzzing).
+        let mut fr = framer(Format::Cri, |f| f.max_line = 4);
+        let mut input = format!("{T0} stdout F ab").into_bytes();
+        input.extend_from_slice(b"\xff\xfe\n");
+        let (e, _, stats) = frame(&mut fr, &input, false);
+        assert_eq!(texts(&e), ["ab"]);
+        assert_eq!(stats.truncated, 1);
     }
 }

@@ -226,6 +226,7 @@ impl FileReader {
                     framer.frame(&mut data, &lines, consumed, complete, unix_now_nanos());
                 self.carry = carry;
                 consumed = framed.consumed;
+                self.remember_tail(&data[..consumed]);
                 // Lines of unfinished entries are read again with the next read.
                 records = lines
                     .iter()
@@ -237,8 +238,10 @@ impl FileReader {
             None => {
                 self.carry.extend_from_slice(&data[consumed..]);
                 data.truncate(consumed);
+                // The position hashes the bytes of the file, not their UTF-8 repair.
+                self.remember_tail(&data);
                 if std::str::from_utf8(&data).is_err() {
-                    (data, lines) = replace_invalid_utf8(&data, &lines);
+                    (data, lines) = replace_invalid_utf8(&data, &lines, self.max_line);
                 }
                 let entries = lines
                     .iter()
@@ -251,7 +254,6 @@ impl FileReader {
             return None;
         }
         self.consumed += consumed as u64;
-        self.remember_tail(&data[..consumed]);
         Some(ReadLines {
             data,
             entries,
@@ -300,13 +302,24 @@ impl FileReader {
     }
 }
 
-fn replace_invalid_utf8(data: &[u8], lines: &[Range<u32>]) -> (Vec<u8>, Vec<Range<u32>>) {
+fn replace_invalid_utf8(
+    data: &[u8],
+    lines: &[Range<u32>],
+    max_line: usize,
+) -> (Vec<u8>, Vec<Range<u32>>) {
     let mut out = Vec::with_capacity(data.len() + 16);
     let mut ranges = Vec::with_capacity(lines.len());
     for r in lines {
-        let s = String::from_utf8_lossy(&data[r.start as usize..r.end as usize]);
+        let line = &data[r.start as usize..r.end as usize];
+        let s = String::from_utf8_lossy(line);
+        // U+FFFD (3 bytes) may replace a single byte: cut again to max_line, on a character
+        // boundary.
+        let mut keep = s.len().min(max_line);
+        while !s.is_char_boundary(keep) {
+            keep -= 1;
+        }
         let start = out.len() as u32;
-        out.extend_from_slice(s.as_bytes());
+        out.extend_from_slice(&s.as_bytes()[..keep]);
         ranges.push(start..out.len() as u32);
     }
     (out, ranges)
@@ -420,6 +433,35 @@ mod tests {
     fn invalid_utf8_is_replaced() {
         let (_f, mut r) = reader_over(b"ok\nbad\xff\xfeend\n", 100, 4096);
         assert_eq!(all_lines(&mut r), ["ok", "bad\u{fffd}\u{fffd}end"]);
+        // Replacement never takes a line past max_line.
+        let (_f, mut r) = reader_over(b"ab\xff\xfe\xfd\n", 5, 4096);
+        assert_eq!(all_lines(&mut r), ["ab\u{fffd}"]);
+    }
+
+    #[test]
+    fn the_position_hashes_the_file_bytes_even_when_utf8_was_repaired() {
+        // A checkpoint taken after invalid UTF-8 must still match the file on resume; hashing
+        // the repaired text instead made every restart re-read such files from the start.
+        let content = b"valid line\ninvalid \xff\xfe line\n";
+        for framing in [Framing::raw(100), {
+            let mut f = Framing::raw(100);
+            f.json_fields = vec!["x".into()];
+            f
+        }] {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            f.write_all(content).unwrap();
+            let framing = Arc::new(framing);
+            let mut r = FileReader::new(f.reopen().unwrap(), 0, framing.clone(), 4096).unwrap();
+            all_lines(&mut r);
+            let end = r.position();
+            assert_eq!(end.offset, content.len() as u64);
+            assert_eq!(
+                end.tail_hash,
+                hash(&content[content.len() - end.tail_len as usize..])
+            );
+            let resumed = FileReader::new(f.reopen().unwrap(), end.offset, framing, 64).unwrap();
+            assert_eq!(resumed.position(), end);
+        }
     }
 
     #[test]
