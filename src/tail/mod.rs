@@ -16,6 +16,8 @@ pub mod timestamp;
 
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod tailer_model_tests;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, Metadata, OpenOptions};
