@@ -275,15 +275,13 @@ fn run_case(seed: u64) -> usize {
                     std::fs::remove_file(dir.join(format!("app.log.{n}"))).unwrap();
                 }
             }
-            19 => {
-                // Delete the active file once drained; the next write re-creates it.
-                if w.partial.is_none()
-                    && dir.join("app.log").exists()
-                    && w.drained(w.generation, &received)
-                {
-                    std::fs::remove_file(dir.join("app.log")).unwrap();
-                    w.generation += 1;
-                }
+            // Delete the active file once drained; the next write re-creates it.
+            19 if w.partial.is_none()
+                && dir.join("app.log").exists()
+                && w.drained(w.generation, &received) =>
+            {
+                std::fs::remove_file(dir.join("app.log")).unwrap();
+                w.generation += 1;
             }
             14 | 15 => {
                 inst.take().unwrap().stop();
