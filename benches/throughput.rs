@@ -6,6 +6,10 @@
 //! in 1 MiB blocks in one thread.
 //!
 //!   cargo bench --bench throughput -- [MB] [mixed|short|many|cri|cri-vs-raw]
+//!   cargo bench --bench throughput -- [SECONDS] latency|latency-100ms
+//!
+//! `latency` writes 20,000 lines/s for SECONDS, each carrying its write time, and prints the
+//! p50/p99/max from write to receipt with the default 1 s batch wait (`latency-100ms`: 100 ms).
 //!
 //! `cri` writes the mixed corpus as Kubernetes CRI records (`<time> stdout F <line>`) and ships
 //! it with `format = "cri"`; `cri-vs-raw` runs `mixed` and `cri` back to back and prints the
@@ -33,8 +37,10 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    if args.first().map(String::as_str) == Some("--receiver") {
-        return receiver(&args[1..], false);
+    match args.first().map(String::as_str) {
+        Some("--receiver") => return receiver(&args[1..], false),
+        Some("--receiver-seqs") => return receiver(&args[1..], true),
+        _ => {}
     }
     let mb: usize = args
         .first()
@@ -45,7 +51,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    if case == "cri-vs-raw" {
+    if let Some(wait) = case.strip_prefix("latency") {
+        // `latency` (1 s batch wait) or `latency-100ms`; the first argument is seconds.
+        let wait = wait.strip_prefix('-').unwrap_or("1s");
+        let secs = if cfg!(debug_assertions) { 2 } else { mb as u64 };
+        rt.block_on(latency(secs, 20_000, wait));
+    } else if case == "cri-vs-raw" {
         let raw = rt.block_on(drive(mb, "mixed"));
         let cri = rt.block_on(drive(mb, "cri"));
         println!(
@@ -326,4 +337,114 @@ async fn drive(mb: usize, case: &str) -> Run {
         file_bytes: corpus.bytes,
         message_bytes: corpus.message_bytes,
     }
+}
+
+/// The latency mode: a fixed write rate, every line stamped with its write time (ns), measured
+/// when the receiver's decode of it reaches this process.
+async fn latency(secs: u64, rate: u64, batch_wait: &str) {
+    let env = Env::new();
+    let ca_dir = env.path("receiver");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let (cert, key) = env.ca.issue(LOKI_ID).write(&ca_dir, "loki");
+    let bundle = env.ca.write_bundle(&ca_dir, "ca");
+    let mut rx = Command::new(std::env::current_exe().unwrap())
+        .arg("--receiver-seqs")
+        .args([&cert, &key, &bundle])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(rx.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let port: u16 = first.trim().strip_prefix("PORT ").unwrap().parse().unwrap();
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let lat = latencies.clone();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            if let Some(rest) = l.strip_prefix("SEQ") {
+                let now = unix_nanos();
+                let mut v = lat.lock().unwrap();
+                v.extend(
+                    rest.split_whitespace()
+                        .filter_map(|t| t.parse::<u64>().ok())
+                        .map(|t| now.saturating_sub(t)),
+                );
+            }
+        }
+    });
+    let config = env
+        .config(&format!("https://127.0.0.1:{port}"), "", "")
+        .replace("level = \"info\"", "level = \"warn\"")
+        .replace(
+            "batch_wait = \"100ms\"",
+            &format!("batch_wait = \"{batch_wait}\""),
+        )
+        .replace(
+            "checkpoint_interval = \"100ms\"",
+            "checkpoint_interval = \"1s\"",
+        );
+    let zt = Ztail::start(&env, &config);
+    zt.wait_up().await;
+    let log = env.path("logs/app.log");
+    let writer = std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let per_ms = rate / 1000;
+        let start = Instant::now();
+        let mut written = 0u64;
+        let mut step = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            let mut buf = String::new();
+            for _ in 0..per_ms {
+                buf.push_str(&format!(
+                    "2026-11-26T06:00:00Z INFO [latency] request served path=/api/v1/orders status=200 {}\n",
+                    unix_nanos()
+                ));
+            }
+            f.write_all(buf.as_bytes()).unwrap();
+            written += per_ms;
+            step += 1;
+            let next = start + Duration::from_millis(step);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        written
+    });
+    let written = writer.join().unwrap() as usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while latencies.lock().unwrap().len() < written && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = rx.kill();
+    let _ = rx.wait();
+    let mut v = latencies.lock().unwrap().clone();
+    v.sort_unstable();
+    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1e6;
+    println!(
+        "latency: {written} lines at {rate}/s for {secs} s, batch_wait {batch_wait}, {} ztail, mTLS, loopback",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    println!("  received            {:>10}", v.len());
+    println!("  p50                 {:>10.1} ms", pct(0.50));
+    println!("  p99                 {:>10.1} ms", pct(0.99));
+    println!(
+        "  max                 {:>10.1} ms",
+        *v.last().unwrap() as f64 / 1e6
+    );
+    println!("  ztail peak RSS      {:>10.1} MiB", peak_rss_mib(zt.pid()));
+    assert_eq!(v.len(), written, "every line exactly once");
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
