@@ -36,6 +36,15 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
         }
         // Read everything there is.
         loop {
+            // A read's buffer is held until the chunk is queued; the permit bounds how many
+            // files hold one at a time.
+            let permit = tokio::select! {
+                p = ctx.tailer.read_permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break 'outer,
+                },
+                _ = cancel.cancelled() => break 'outer,
+            };
             let Some(mut r) = reader.take() else {
                 break 'outer;
             };
@@ -54,7 +63,9 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             reader = Some(r);
             match result {
                 Ok(Some(lines)) => {
-                    if !send(&file, &ctx, lines, &mut last_end).await {
+                    let sent = send(&file, &ctx, lines, &mut last_end).await;
+                    drop(permit);
+                    if !sent {
                         break 'outer;
                     }
                     partial_since = has_partial.then(Instant::now);
@@ -193,7 +204,13 @@ async fn send(
         next[e.sub as usize] += 1;
     }
 
-    let data = bytes::Bytes::from(lines.data);
+    // A read buffer mostly empty (a small file, a slow writer) would pin its whole capacity
+    // until the batch is acknowledged; batches gather many such chunks.
+    let mut data = lines.data;
+    if data.capacity() > 2 * data.len() + 4096 {
+        data.shrink_to_fit();
+    }
+    let data = bytes::Bytes::from(data);
     let chunk = |sub: usize, entries: Vec<Entry>, end: Position| Chunk {
         stream: file.streams[sub].clone(),
         cursor: file.cursor.clone(),

@@ -169,7 +169,14 @@ pub struct Tailer {
     rescan: Notify,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Chunks read and not yet handed to the pipeline, across all files: without this bound,
+    /// every file would hold a read buffer while the pipeline is full (a thousand files, a
+    /// quarter of a gigabyte).
+    read_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many files may hold a chunk that is read but not yet queued.
+const READS_IN_FLIGHT: usize = 4;
 
 impl Tailer {
     pub fn new(
@@ -192,6 +199,7 @@ impl Tailer {
             rescan: Notify::new(),
             cancel,
             tasks: TaskTracker::new(),
+            read_permits: Arc::new(tokio::sync::Semaphore::new(READS_IN_FLIGHT)),
         })
     }
 
