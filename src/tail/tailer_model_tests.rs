@@ -1,14 +1,15 @@
 //! Model-based tests of the whole tailer: discovery, rotation, deletion, restarts and crashes,
 //! with real files and inotify, in process. Each case runs random actions: writes (whole lines
-//! and lines split across writes), rename rotation, deletion of a drained rotated file,
-//! re-creation, graceful restarts and crashes (the runtime is dropped mid-flight, so no final
+//! and lines split across writes), rename rotation, deletion of a drained rotated or active
+//! file, re-creation, graceful restarts and crashes (the runtime is dropped mid-flight, so no final
 //! checkpoint is written). The sink stores and acknowledges every chunk at once or a little
 //! later (a crash loses the acknowledgements in flight). At the end every line written must have
 //! arrived whole; without a crash, exactly once and in order; with crashes, each file rewinds at
 //! most once per crash.
 //!
-//! `ZTAIL_TAILER_CASES=1000 cargo test --lib tailer_model` runs a longer mode; each case
-//! prints its seed on failure, and `ZTAIL_TAILER_SEED=<n>` replays one.
+//! `ZTAIL_TAILER_CASES=10000 ZTAIL_TAILER_JOBS=16 cargo test --lib tailer_model` runs the long
+//! mode (cases mostly sleep, so they run 16 at a time); each case prints its seed on failure,
+//! and `ZTAIL_TAILER_SEED=<n>` replays one.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -378,10 +379,30 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn tailer_model_rotation_deletion_restarts_and_crashes_lose_nothing() {
-    let mut crashes = 0;
-    for seed in seeds() {
-        crashes += run_case(seed);
-    }
+    // Cases mostly sleep; the long mode runs ZTAIL_TAILER_JOBS of them at once.
+    let jobs: usize = std::env::var("ZTAIL_TAILER_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let seeds = seeds();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let crashes: usize = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..jobs)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut crashes = 0;
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&seed) = seeds.get(i) else { break };
+                        crashes += run_case(seed);
+                    }
+                    crashes
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
     assert!(
         std::env::var("ZTAIL_TAILER_SEED").is_ok() || crashes > 0,
         "the generator must exercise crashes"
