@@ -155,9 +155,11 @@ impl Sink {
     }
 
     async fn deliver(&self, batch: Batch) -> bool {
+        // The ID stamped on a batch is the one about to authenticate it (rotation renews the
+        // SVID, not the ID).
         let agent_id = match self.settings.provenance {
-            true => match self.spiffe_id().await {
-                Some(id) => Some(id),
+            true => match self.await_identity(&mut self.identity.clone()).await {
+                Some(id) => Some(id.spiffe_id.to_string()),
                 None => return false,
             },
             false => None,
@@ -205,15 +207,14 @@ impl Sink {
         true
     }
 
-    /// ztail's current SPIFFE ID, waiting for an identity if there is none; `None` once the
-    /// sink is stopped. The ID stamped on a batch is the one that is about to authenticate it
-    /// (rotation renews the SVID, not the ID).
-    async fn spiffe_id(&self) -> Option<String> {
-        let mut identity = self.identity.clone();
+    /// The current identity, waiting (and saying so in `/status`) while there is none; `None`
+    /// once the sink is stopped or the identity source is gone.
+    async fn await_identity(&self, identity: &mut IdentityWatch) -> Option<Arc<Identity>> {
         loop {
-            if let Some(id) = identity.borrow_and_update().as_ref() {
-                return Some(id.spiffe_id.to_string());
+            if let Some(id) = identity.borrow_and_update().clone() {
+                return Some(id);
             }
+            lock(&self.state.last_error).replace("waiting for identity: no valid SVID".to_owned());
             tokio::select! {
                 changed = identity.changed() => changed.ok()?,
                 _ = self.stop.cancelled() => return None,
@@ -226,14 +227,8 @@ impl Sink {
         let mut identity = self.identity.clone();
         let mut attempt: u32 = 0;
         loop {
-            let current = identity.borrow_and_update().clone();
-            let Some(id) = current else {
-                lock(&self.state.last_error)
-                    .replace("waiting for identity: no valid SVID".to_owned());
-                tokio::select! {
-                    _ = identity.changed() => continue,
-                    _ = self.stop.cancelled() => return Outcome::Stopped,
-                }
+            let Some(id) = self.await_identity(&mut identity).await else {
+                return Outcome::Stopped;
             };
             let mut retry_after = None;
             match self.client_for(&id) {
