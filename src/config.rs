@@ -19,7 +19,7 @@ use crate::identity::PeerPolicy;
 use crate::identity::files::FilesConfig;
 use crate::identity::workload::WorkloadConfig;
 use crate::loki::labels::{self, LabelSet};
-use crate::tail::format::{Format, Framing, Multiline, StreamAs, TimestampRule};
+use crate::tail::format::{self, Format, Framing, Multiline, StreamAs, TimestampRule};
 use crate::tail::timestamp::{TsFormat, parse_zone};
 
 /// A configuration error: where it is and what is wrong.
@@ -139,7 +139,6 @@ pub struct SourceConfig {
     pub start_at: StartAt,
     /// Static labels; `filename` (and `host` unless disabled) are added per file.
     pub labels: LabelSet,
-    pub max_line_bytes: usize,
     pub partial_line_timeout: Duration,
     pub rotate_wait: Duration,
     /// What a line becomes: format, multiline, timestamps, metadata.
@@ -432,7 +431,7 @@ fn default_zone() -> String {
     "UTC".into()
 }
 fn default_max_future() -> Duration {
-    Duration::from_secs(600)
+    format::DEFAULT_MAX_FUTURE
 }
 
 fn default_true() -> bool {
@@ -840,62 +839,6 @@ impl Validator<'_> {
             64 << 20,
         )?;
 
-        // Labels captured from the path: their names are known now, so collisions and the
-        // label count are checked here rather than discovered as Loki 400s.
-        let path_labels = match (&s.path_labels, s.format) {
-            (Some(re), _) if re.is_empty() => None,
-            (Some(re), _) => Some(re.as_str()),
-            (None, Format::Cri | Format::Docker) => Some(KUBERNETES_PATH_LABELS),
-            (None, Format::Raw) => None,
-        };
-        let path_labels = match path_labels {
-            None => None,
-            Some(re) => {
-                let k = format!("{key}.path_labels");
-                let re = regex::Regex::new(re)
-                    .map_err(|e| self.err(&k, format!("invalid regex: {e}")))?;
-                for name in re.capture_names().flatten() {
-                    labels::validate_name(name)
-                        .map_err(|r| self.err(&k, format!("capture group: {r}")))?;
-                    if reserved.contains(&name) || set.contains_key(name) {
-                        return Err(self.err(
-                            &k,
-                            format!(
-                                "capture group {name:?} would replace the label of the same name"
-                            ),
-                        ));
-                    }
-                }
-                if re.capture_names().flatten().next().is_none() {
-                    return Err(self.err(
-                        &k,
-                        "has no named capture group: name the parts that become labels, e.g. (?P<app>[^/]+)",
-                    ));
-                }
-                Some(re)
-            }
-        };
-        let stream_label = s.format != Format::Raw && s.stream_as == StreamAs::Label;
-        if stream_label && (set.contains_key("stream")) {
-            return Err(self.err(
-                format!("{key}.labels.stream"),
-                "is set by ztail from the CRI/Docker stream; set stream_as = \"metadata\" to keep this label",
-            ));
-        }
-        let captured = path_labels
-            .as_ref()
-            .map_or(0, |re| re.capture_names().flatten().count());
-        let total = set.len() + 1 + captured + stream_label as usize;
-        if total > labels::MAX_LABELS {
-            return Err(self.err(
-                format!("{key}.labels"),
-                format!(
-                    "{total} labels per stream (static, filename, host, path_labels captures, stream) exceed Loki's default limit of {}",
-                    labels::MAX_LABELS
-                ),
-            ));
-        }
-
         let multiline = match s.multiline {
             None => None,
             Some(m) => {
@@ -966,24 +909,6 @@ impl Validator<'_> {
                 })
             }
         };
-        let stream_meta = s.format != Format::Raw && s.stream_as == StreamAs::Metadata;
-        let mut seen = HashSet::new();
-        for (j, name) in s.metadata_fields.iter().enumerate() {
-            let k = format!("{key}.metadata_fields[{j}]");
-            labels::validate_name(name).map_err(|r| self.err(&k, r))?;
-            if (stream_meta && name == "stream")
-                || name == crate::loki::encode::AGENT_ID
-                || !seen.insert(name.as_str())
-            {
-                return Err(self.err(&k, format!("{name:?} is already a metadata field")));
-            }
-        }
-        if s.metadata_fields.len() > 32 {
-            return Err(self.err(
-                format!("{key}.metadata_fields"),
-                "at most 32 fields: structured metadata counts against Loki's per-entry limits",
-            ));
-        }
         let framing = Framing {
             format: s.format,
             stream_as: s.stream_as,
@@ -993,6 +918,79 @@ impl Validator<'_> {
             max_future: s.max_future,
             max_line: max_line_bytes,
         };
+        let mut seen = HashSet::new();
+        for (j, name) in framing.json_fields.iter().enumerate() {
+            let k = format!("{key}.metadata_fields[{j}]");
+            labels::validate_name(name).map_err(|r| self.err(&k, r))?;
+            if (framing.stream_meta() && name == format::STREAM)
+                || name == crate::loki::encode::AGENT_ID
+                || !seen.insert(name.as_str())
+            {
+                return Err(self.err(&k, format!("{name:?} is already a metadata field")));
+            }
+        }
+        if framing.json_fields.len() > 32 {
+            return Err(self.err(
+                format!("{key}.metadata_fields"),
+                "at most 32 fields: structured metadata counts against Loki's per-entry limits",
+            ));
+        }
+
+        // Labels captured from the path: their names are known now, so collisions and the
+        // label count are checked here rather than discovered as Loki 400s.
+        let path_labels = match (&s.path_labels, s.format) {
+            (Some(re), _) if re.is_empty() => None,
+            (Some(re), _) => Some(re.as_str()),
+            (None, Format::Cri | Format::Docker) => Some(KUBERNETES_PATH_LABELS),
+            (None, Format::Raw) => None,
+        };
+        let path_labels = match path_labels {
+            None => None,
+            Some(re) => {
+                let k = format!("{key}.path_labels");
+                let re = regex::Regex::new(re)
+                    .map_err(|e| self.err(&k, format!("invalid regex: {e}")))?;
+                for name in re.capture_names().flatten() {
+                    labels::validate_name(name)
+                        .map_err(|r| self.err(&k, format!("capture group: {r}")))?;
+                    if reserved.contains(&name) || set.contains_key(name) {
+                        return Err(self.err(
+                            &k,
+                            format!(
+                                "capture group {name:?} would replace the label of the same name"
+                            ),
+                        ));
+                    }
+                }
+                if re.capture_names().flatten().next().is_none() {
+                    return Err(self.err(
+                        &k,
+                        "has no named capture group: name the parts that become labels, e.g. (?P<app>[^/]+)",
+                    ));
+                }
+                Some(re)
+            }
+        };
+        let stream_label = framing.stream_label();
+        if stream_label && set.contains_key(format::STREAM) {
+            return Err(self.err(
+                format!("{key}.labels.stream"),
+                "is set by ztail from the CRI/Docker stream; set stream_as = \"metadata\" to keep this label",
+            ));
+        }
+        let captured = path_labels
+            .as_ref()
+            .map_or(0, |re| re.capture_names().flatten().count());
+        let total = set.len() + 1 + captured + stream_label as usize;
+        if total > labels::MAX_LABELS {
+            return Err(self.err(
+                format!("{key}.labels"),
+                format!(
+                    "{total} labels per stream (static, filename, host, path_labels captures, stream) exceed Loki's default limit of {}",
+                    labels::MAX_LABELS
+                ),
+            ));
+        }
 
         Ok(SourceConfig {
             name: s.name,
@@ -1000,7 +998,6 @@ impl Validator<'_> {
             exclude,
             start_at: s.start_at,
             labels: LabelSet::new(set),
-            max_line_bytes,
             partial_line_timeout: self.positive(
                 &format!("{key}.partial_line_timeout"),
                 s.partial_line_timeout,
@@ -1098,7 +1095,7 @@ labels = { job = "app" }
         );
         assert_eq!(c.sink.batch_bytes, 1 << 20);
         assert_eq!(c.sink.batch_wait, Duration::from_secs(1));
-        assert_eq!(c.sources[0].max_line_bytes, 256 << 10);
+        assert_eq!(c.sources[0].framing.max_line, 256 << 10);
         assert_eq!(c.sources[0].start_at, StartAt::End);
     }
 

@@ -1,10 +1,10 @@
 //! What flows from the tailers to the Loki sink, and the acknowledgements that flow back.
 //!
 //! A tailer hands the pipeline [`Chunk`]s: the bytes it read from one file, the [`Entry`]s in
-//! them (text range, timestamp, structured metadata) and the file [`Position`] just after them. Chunks are never copied between stages: the
-//! batcher groups them into a [`Batch`] per label set, the sink encodes the batch once, and on a
-//! 2xx the [`ack::AckTracker`] advances each file's committed position, which is the only
-//! position the checkpointer ever persists.
+//! them (text range, timestamp, structured metadata) and the file [`Position`] just after them.
+//! Chunks are never copied between stages: the batcher groups them into a [`Batch`] per label
+//! set, the sink encodes the batch once, and on a 2xx the [`ack::AckTracker`] advances each
+//! file's committed position, which is the only position the checkpointer ever persists.
 
 pub mod ack;
 pub mod batcher;
@@ -56,6 +56,13 @@ impl Cursor {
     }
 }
 
+/// The wall clock in Unix nanoseconds, the unit of entry timestamps.
+pub fn unix_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
 /// Locks a mutex, ignoring poisoning: every critical section in ztail leaves its data
 /// consistent at each step, and the release profile aborts on panic anyway.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -86,10 +93,7 @@ impl Stream {
 
     /// Reserves `n` consecutive nanosecond timestamps at or after now; returns the first.
     pub fn reserve_timestamps(&self, n: usize) -> i64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
+        let now = unix_nanos();
         let n = n.max(1) as i64;
         let mut last = self.clock.load(Ordering::Relaxed);
         loop {

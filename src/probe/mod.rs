@@ -394,7 +394,6 @@ impl ProbeConfig {
             exclude: globset::GlobSet::empty(),
             start_at: StartAt::Beginning,
             labels,
-            max_line_bytes: 64 << 10,
             partial_line_timeout: Duration::from_secs(1),
             rotate_wait: Duration::from_secs(10),
             framing: Arc::new(spool_framing()),

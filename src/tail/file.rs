@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::reader::{FileReader, ReadLines};
 use super::{FileState, Tailer, TrackedFile};
-use crate::pipeline::{Chunk, Entry, Position};
+use crate::pipeline::{Chunk, Entry, Meta, Position};
 
 /// How often an idle file is checked when no inotify event arrives (events can be dropped).
 const POLL: Duration = Duration::from_millis(500);
@@ -189,14 +189,14 @@ async fn send(
     // Entries without a timestamp of their own get the read time, strictly increasing per
     // stream so that Loki keeps their order.
     let subs = file.streams.len();
+    let mut unstamped = [0usize; 2];
+    for e in entries.iter().filter(|e| e.ts == 0) {
+        unstamped[e.sub as usize] += 1;
+    }
     let mut next = [0i64; 2];
-    for (sub, slot) in next.iter_mut().enumerate().take(subs) {
-        let n = entries
-            .iter()
-            .filter(|e| e.ts == 0 && e.sub as usize == sub)
-            .count();
+    for ((slot, n), stream) in next.iter_mut().zip(unstamped).zip(&file.streams) {
         if n > 0 {
-            *slot = file.streams[sub].reserve_timestamps(n);
+            *slot = stream.reserve_timestamps(n);
         }
     }
     for e in entries.iter_mut().filter(|e| e.ts == 0) {
@@ -211,18 +211,18 @@ async fn send(
         data.shrink_to_fit();
     }
     let data = bytes::Bytes::from(data);
-    let chunk = |sub: usize, entries: Vec<Entry>, end: Position| Chunk {
+    let chunk = |sub: usize, entries: Vec<Entry>, meta: Vec<Meta>, end: Position| Chunk {
         stream: file.streams[sub].clone(),
         cursor: file.cursor.clone(),
         data: data.clone(),
         entries,
-        meta: lines.meta.clone(),
+        meta,
         meta_names: file.meta_names.clone(),
         end,
     };
     let first_sub = entries.first().map_or(0, |e| e.sub as usize);
     let chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
-        vec![chunk(first_sub, entries, lines.end)]
+        vec![chunk(first_sub, entries, lines.meta, lines.end)]
     } else {
         // One chunk per stream. Only the last carries the new position: the file's committed
         // position cannot pass this read until every one of them is acknowledged.
@@ -234,7 +234,7 @@ async fn send(
                 .copied()
                 .collect();
             if !part.is_empty() {
-                parts.push(chunk(sub, part, *last_end));
+                parts.push(chunk(sub, part, lines.meta.clone(), *last_end));
             }
         }
         if let Some(last) = parts.last_mut() {

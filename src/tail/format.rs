@@ -83,6 +83,9 @@ pub struct Framing {
     pub max_line: usize,
 }
 
+/// Default of `max_future`: how far ahead of the read time a timestamp may be.
+pub const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(600);
+
 /// Name of the label or metadata field holding a CRI/Docker stream.
 pub const STREAM: &str = "stream";
 /// Values of [`STREAM`], indexed by an entry's stream key.
@@ -97,7 +100,7 @@ impl Framing {
             multiline: None,
             timestamp: None,
             json_fields: Vec::new(),
-            max_future: Duration::from_secs(600),
+            max_future: DEFAULT_MAX_FUTURE,
             max_line,
         }
     }
@@ -124,7 +127,8 @@ impl Framing {
         self.format != Format::Raw && self.stream_as == StreamAs::Label
     }
 
-    fn stream_meta(&self) -> bool {
+    /// Whether entries carry the stream as structured metadata.
+    pub fn stream_meta(&self) -> bool {
         self.format != Format::Raw && self.stream_as == StreamAs::Metadata
     }
 
@@ -501,10 +505,14 @@ impl Framer {
         let max_ts = now.saturating_add(f.max_future.as_nanos() as i64);
         let all_valid = std::str::from_utf8(data).is_ok();
         let limit = f.multiline.as_ref().map_or(f.max_line, |m| m.max_bytes);
-        let mut stream_values = 0;
+        // The stream names, once per read, for the entries' `stream` metadata to point at.
+        let mut stream_values = [(0u32, 0u32); 2];
         if stream_meta {
-            stream_values = data.len();
-            data.extend_from_slice(b"stdoutstderr");
+            for (slot, name) in stream_values.iter_mut().zip(STREAMS) {
+                let start = data.len() as u32;
+                data.extend_from_slice(name.as_bytes());
+                *slot = (start, data.len() as u32);
+            }
         }
         for p in done.into_iter().filter(|p| p.raw_end <= boundary) {
             out.stats.truncated += p.truncated as u64;
@@ -514,7 +522,10 @@ impl Framer {
                 }
                 text => {
                     let start = data.len();
-                    let bytes = text.bytes(data).to_vec();
+                    let bytes = match text {
+                        Text::Data(r) => data[r].to_vec(),
+                        Text::Owned(v) => v,
+                    };
                     // U+FFFD is longer than the byte it replaces: cut again to the limit.
                     let fixed = String::from_utf8_lossy(&bytes);
                     let keep = cut_point(fixed.as_bytes(), limit);
@@ -534,11 +545,11 @@ impl Framer {
             }
             let meta_start = out.meta.len();
             if stream_meta {
-                let at = stream_values + 6 * p.key as usize;
+                let (start, end) = stream_values[p.key as usize];
                 out.meta.push(Meta {
                     name: 0,
-                    start: at as u32,
-                    end: (at + 6) as u32,
+                    start,
+                    end,
                 });
             }
             if !f.json_fields.is_empty() {
@@ -575,13 +586,15 @@ fn json_metadata(
     if bytes.trim_ascii_start().first() != Some(&b'{') {
         return;
     }
-    let Ok(object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes)
+    let Ok(mut object) =
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes)
     else {
         return;
     };
+    // Field names are distinct (the config checks), so each value can be moved out.
     for (i, name) in fields.iter().enumerate() {
-        let value = match object.get(name) {
-            Some(serde_json::Value::String(s)) => s.clone(),
+        let value = match object.remove(name) {
+            Some(serde_json::Value::String(s)) => s,
             Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v.to_string(),
             _ => continue,
         };

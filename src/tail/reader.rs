@@ -14,11 +14,10 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-
 use std::sync::Arc;
 
 use super::format::{FrameStats, Framer, Framing};
-use crate::pipeline::{Entry, Meta, Position, TAIL_LEN};
+use crate::pipeline::{Entry, Meta, Position, TAIL_LEN, unix_nanos};
 
 /// How many leading bytes of a file identify it (its fingerprint grows up to this).
 pub const HEAD_LEN: usize = 1024;
@@ -223,7 +222,7 @@ impl FileReader {
         let (entries, meta) = match &mut self.framer {
             Some(framer) => {
                 let (framed, carry) =
-                    framer.frame(&mut data, &lines, consumed, complete, unix_now_nanos());
+                    framer.frame(&mut data, &lines, consumed, complete, unix_nanos());
                 self.carry = carry;
                 consumed = framed.consumed;
                 self.remember_tail(&data[..consumed]);
@@ -323,12 +322,6 @@ fn replace_invalid_utf8(
         ranges.push(start..out.len() as u32);
     }
     (out, ranges)
-}
-
-fn unix_now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// Reads up to `len` bytes from the start of a file.

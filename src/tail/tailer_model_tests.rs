@@ -51,7 +51,6 @@ fn source(dir: &Path) -> SourceConfig {
         exclude: globset::GlobSet::empty(),
         start_at: StartAt::Beginning,
         labels: LabelSet::default(),
-        max_line_bytes: 1 << 16,
         partial_line_timeout: Duration::from_secs(30),
         rotate_wait: Duration::from_millis(200),
         framing: Arc::new(Framing::raw(1 << 16)),
