@@ -35,6 +35,16 @@ type Received = Arc<Mutex<Vec<(u64, String)>>>;
 
 static READ_ORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// The distinct lines stored so far.
+fn arrived(received: &Received) -> HashSet<String> {
+    received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.1.clone())
+        .collect()
+}
+
 /// One ztail "process": its own runtime, so a crash can drop everything at once.
 struct Instance {
     rt: tokio::runtime::Runtime,
@@ -231,12 +241,7 @@ impl Writer {
     /// True once every line of `generation` has arrived (the file may then be deleted without
     /// loss, as a real rotation scheme deletes only long-drained files).
     fn drained(&self, generation: u64, received: &Received) -> bool {
-        let got: HashSet<String> = received
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| r.1.clone())
-            .collect();
+        let got = arrived(received);
         self.written
             .get(&generation)
             .is_none_or(|lines| lines.iter().all(|l| got.contains(l)))
@@ -302,12 +307,7 @@ fn run_case(seed: u64) -> usize {
     let want: HashSet<String> = w.written.values().flatten().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let got: HashSet<String> = received
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| r.1.clone())
-            .collect();
+        let got = arrived(&received);
         let missing: Vec<&String> = want.iter().filter(|l| !got.contains(*l)).collect();
         if missing.is_empty() {
             break;
