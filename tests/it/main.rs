@@ -24,7 +24,7 @@ mod workload_faults;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::receiver::RecordedEntry;
+use support::receiver::{Receiver, RecordedEntry};
 
 /// Generous timeout for conditions that normally hold within a second.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -44,4 +44,53 @@ pub fn lines_by_file(entries: &[RecordedEntry]) -> BTreeMap<String, Vec<String>>
 /// The expected lines `"{prefix} {n:08}"` for n in range.
 pub fn expected(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|n| format!("{prefix} {n:08}")).collect()
+}
+
+/// The lines of one file as the receiver has them, in Loki's (timestamp) order.
+pub fn lines_of(rx: &Receiver, path: &std::path::Path) -> Vec<String> {
+    lines_by_file(&rx.entries())
+        .remove(&path.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Asserts that `lines` hold exactly the lines of `want`, each at least once (at-least-once
+/// delivery); returns how many arrived twice or more.
+#[track_caller]
+pub fn assert_every_line(lines: &[String], want: &[String]) -> usize {
+    let mut distinct = lines.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    let mut sorted_want = want.to_vec();
+    sorted_want.sort();
+    assert!(
+        distinct == sorted_want,
+        "{} distinct lines, {} expected; first missing: {:?}",
+        distinct.len(),
+        want.len(),
+        sorted_want
+            .iter()
+            .find(|l| distinct.binary_search(l).is_err())
+    );
+    lines.len() - distinct.len()
+}
+
+/// Unix nanoseconds now.
+pub fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+}
+
+/// A whole second about an hour ago: recent enough for Loki's age limit on any day the tests
+/// run, old enough to tell a written timestamp from the read time.
+pub fn an_hour_ago() -> i128 {
+    let s = 1_000_000_000;
+    (now_ns() - 3600 * s) / s * s
+}
+
+/// RFC 3339 with nanoseconds, UTC (`2026-11-26T03:15:00.000000001Z`).
+pub fn rfc3339(ns: i128) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_nanos(ns as u64);
+    humantime::format_rfc3339_nanos(t).to_string()
 }

@@ -419,6 +419,22 @@ impl Receiver {
             .await
     }
 
+    /// Waits until at least `n` distinct lines are stored (duplicates from retries and crashes
+    /// do not count); false if `timeout` passes first.
+    pub async fn wait_for_distinct_lines(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_for(
+            |e| {
+                e.iter()
+                    .map(|e| e.line.as_str())
+                    .collect::<HashSet<_>>()
+                    .len()
+                    >= n
+            },
+            timeout,
+        )
+        .await
+    }
+
     /// Waits until `cond(requests)` holds; false if `timeout` (real time) passes first.
     pub async fn wait_for_requests(
         &self,

@@ -171,11 +171,40 @@ pub fn chown_tree(path: &Path, uid: u32) {
     }
 }
 
+/// Appends `text` to a file, creating it and its directories.
+pub fn append_text(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+/// The highest offset the checkpoint file in `state_dir` records (0 if none): what a restart
+/// would resume from.
+pub fn checkpointed_offset(state_dir: &Path) -> u64 {
+    let text = fs::read_to_string(state_dir.join("checkpoints.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
+        .filter_map(|v| v["offset"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// ztail's log level in tests unless a test asks for another.
+const RUST_LOG: &str = "info,ztail=debug";
+
 /// A running ztail process.
 pub struct Ztail {
     child: Option<Child>,
     pub admin: SocketAddr,
     pub log_path: PathBuf,
+    /// Logs of the runs before the last `restart`, checked for key material too.
+    earlier_logs: Vec<PathBuf>,
     pub config_path: PathBuf,
     rust_log: String,
     /// Runs as this uid (and gid) when set.
@@ -217,13 +246,13 @@ pub fn free_port() -> u16 {
 impl Ztail {
     /// Writes `config` (plus an admin address) to `ztail.toml` in the env and starts ztail.
     pub fn start(env: &Env, config: &str) -> Ztail {
-        Ztail::start_logging(env, config, "info,ztail=debug")
+        Ztail::start_logging(env, config, RUST_LOG)
     }
 
     /// [`Ztail::start`] as an unprivileged user (uid and gid `uid`, via `setpriv`): the test
     /// suite runs as root, which no file permission stops.
     pub fn start_as(env: &Env, config: &str, uid: u32) -> Ztail {
-        Ztail::start_full(env, config, "info,ztail=debug", Some(uid))
+        Ztail::start_full(env, config, RUST_LOG, Some(uid))
     }
 
     /// [`Ztail::start`] with this `RUST_LOG`.
@@ -243,7 +272,7 @@ impl Ztail {
             chown_tree(env.dir.path(), uid);
         }
         let mut zt = Ztail::start_with(&config_path, port, rust_log, user);
-        zt.secrets = key_needles(&env.client.key_pem);
+        zt.add_secret_key(&env.client.key_pem);
         zt
     }
 
@@ -276,6 +305,7 @@ impl Ztail {
             child: Some(child),
             admin: SocketAddr::from(([127, 0, 0, 1], port)),
             log_path,
+            earlier_logs: Vec::new(),
             config_path: config_path.to_owned(),
             rust_log: rust_log.to_owned(),
             secrets: Vec::new(),
@@ -287,21 +317,32 @@ impl Ztail {
     pub fn restart(&mut self) {
         let port = self.admin.port();
         let secrets = std::mem::take(&mut self.secrets);
+        let mut earlier = std::mem::take(&mut self.earlier_logs);
+        earlier.push(self.log_path.clone());
         let rust_log = self.rust_log.clone();
         *self = Ztail::start_with(&self.config_path.clone(), port, &rust_log, self.user);
         self.secrets = secrets;
+        self.earlier_logs = earlier;
     }
 
-    /// Panics if ztail's output so far shows any of [`Ztail::secrets`].
+    /// Adds a private key (PEM) that ztail may hold and must never show.
+    pub fn add_secret_key(&mut self, key_pem: &str) {
+        self.secrets.extend(key_needles(key_pem));
+    }
+
+    /// Panics if ztail's output so far, over every run of this harness, shows any of
+    /// [`Ztail::secrets`].
     pub fn assert_no_key_material(&self) {
-        let log = self.log();
-        for needle in &self.secrets {
-            assert!(
-                !log.contains(needle.as_str()),
-                "ztail's log {} shows key material ({}…)",
-                self.log_path.display(),
-                &needle[..needle.len().min(12)]
-            );
+        for path in self.earlier_logs.iter().chain([&self.log_path]) {
+            let log = fs::read_to_string(path).unwrap_or_default();
+            for needle in &self.secrets {
+                assert!(
+                    !log.contains(needle.as_str()),
+                    "ztail's log {} shows key material ({}…)",
+                    path.display(),
+                    &needle[..needle.len().min(12)]
+                );
+            }
         }
     }
 
@@ -376,6 +417,67 @@ impl Ztail {
             .unwrap_or(0.0)
     }
 
+    /// Waits until the metric sample `prefix` satisfies `ok`; returns its value.
+    pub async fn wait_metric(&self, prefix: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.metric(prefix).await;
+            if ok(v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{prefix} stayed at {v}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until ztail's log contains `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never logged; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The file's (read offset, committed offset) in `/status` (in memory, not yet persisted).
+    pub async fn offsets(&self, path: &Path) -> Option<(u64, u64)> {
+        let (_, body) = self.get("/status").await;
+        let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let file = status["files"]
+            .as_array()?
+            .iter()
+            .find(|f| f["path"].as_str() == Some(&path.display().to_string()))?
+            .clone();
+        Some((
+            file["read_offset"].as_u64()?,
+            file["committed_offset"].as_u64()?,
+        ))
+    }
+
+    /// Waits until ztail has read `path` to its current end (so what is written next arrives in
+    /// a later read).
+    pub async fn wait_read_to_end(&self, path: &Path) {
+        let size = fs::metadata(path).unwrap().len();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.offsets(path).await.map(|o| o.0) != Some(size) {
+            assert!(
+                Instant::now() < deadline,
+                "{} never read to {size}: {:?}",
+                path.display(),
+                self.offsets(path).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until the admin endpoint answers.
     pub async fn wait_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -396,8 +498,7 @@ impl Drop for Ztail {
         // Every test that runs ztail also checks that its output never showed the key.
         if !std::thread::panicking() {
             self.assert_no_key_material();
-        }
-        if std::thread::panicking() {
+        } else {
             eprintln!(
                 "---- ztail log ({}) ----\n{}",
                 self.log_path.display(),
