@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::spire::Spire;
 use crate::support::store::{Terminator, VictoriaLogs};
-use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, with_workload_api};
+use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_text, with_workload_api};
 
 fn spiffe_config(env: &Env, url: &str, spire: &Spire, job: &str, body: &str) -> String {
     spiffe_config_with(env, url, spire, job, body, "")
@@ -60,15 +60,12 @@ async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_fo
         let config =
             spiffe_config_with(&env, &term.url(), &spire, &job, body, &cri_source) + &probe;
         let zt = Ztail::start(&env, &config);
-        let written = crate::formats::an_hour_ago() + 123_456_789;
         let pod = env.path("logs/pods/shop_web-0_uid/nginx/0.log");
-        std::fs::create_dir_all(pod.parent().unwrap()).unwrap();
-        let time = crate::formats::rfc3339(written);
-        std::fs::write(
+        let time = crate::rfc3339(crate::an_hour_ago() + 123_456_789);
+        append_text(
             &pod,
-            format!("{time} stderr P joined \n{time} stderr F across records\n"),
-        )
-        .unwrap();
+            &format!("{time} stderr P joined \n{time} stderr F across records\n"),
+        );
         let log = env.path("logs/app.log");
         std::fs::write(
             &log,

@@ -3,64 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use crate::WAIT;
 use crate::support::receiver::RecordedEntry;
-use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail};
-
-/// Lets ztail read what was written so far before the next write (the next record then
-/// arrives in a later read).
-const PAUSE: Duration = Duration::from_millis(600);
-
-fn append(path: &Path, text: &str) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
-
-/// RFC 3339 with nanoseconds, UTC, for Unix nanoseconds `ns`.
-pub fn rfc3339(ns: i128) -> String {
-    let secs = ns.div_euclid(1_000_000_000) as i64;
-    let nanos = ns.rem_euclid(1_000_000_000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + (month <= 2) as i64;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-fn now_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i128
-}
-
-/// A whole second about an hour ago: recent enough for Loki's age limit on any day the tests
-/// run, old enough to tell a written timestamp from the read time.
-pub fn an_hour_ago() -> i128 {
-    let s = 1_000_000_000;
-    (now_ns() - 3600 * s) / s * s
-}
+use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_text as append, checkpoints};
+use crate::{WAIT, an_hour_ago, now_ns, rfc3339};
 
 /// `ns` as a Java/Python logging time at UTC+01:00: `2026-11-26 04:15:00,250`.
 fn local_time(ns: i128) -> String {
@@ -95,18 +42,6 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-#[test]
-fn rfc3339_helper_matches_ztail() {
-    assert_eq!(
-        rfc3339(1_795_662_900_123_456_789),
-        "2026-11-26T03:15:00.123456789Z"
-    );
-    assert_eq!(
-        rfc3339(951_868_800_000_000_000),
-        "2000-03-01T00:00:00.000000000Z"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_and_docker_files_ship_messages_with_their_time_labels_and_metadata() {
     let env = Env::new();
@@ -132,7 +67,7 @@ path_labels = '/containers/(?P<container_id>[0-9a-f]{12})'
 metadata_fields = ["trace_id", "level"]
 partial_line_timeout = "20s"
 "#;
-    let _zt = Ztail::start(&env, &env.config(&rx.url(), "provenance = true", sources));
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "provenance = true", sources));
     let pod_dir = env.path("logs/pods/shop_web-7f9c_0a1b2c3d/nginx");
     let pod = pod_dir.join("0.log");
     let dock = env.path("logs/containers/4f2a9c1b7e3d0000/4f2a9c1b7e3d0000-json.log");
@@ -152,18 +87,19 @@ partial_line_timeout = "20s"
                 "{\"level\":\"error\",\"trace_id\":\"4bf92f\",\"msg\":\"db down\"}\n",
             )),
     );
-    // Partial records, each in its own read.
+    // Partial records, each in its own read (ztail has read up to the end before the next).
     append(&pod, &cri(t + 3 * s, "stdout", "P", "part one | "));
     append(&dock, &docker(t + 3 * s, "stdout", "a long line split "));
-    tokio::time::sleep(PAUSE).await;
+    zt.wait_read_to_end(&pod).await;
+    zt.wait_read_to_end(&dock).await;
     append(&pod, &cri(t + 4 * s, "stdout", "P", "part two | "));
-    tokio::time::sleep(PAUSE).await;
+    zt.wait_read_to_end(&pod).await;
     append(&pod, &cri(t + 5 * s, "stdout", "F", "end"));
     append(&dock, &docker(t + 4 * s, "stdout", "by the runtime\n"));
     // A partial sequence across a rename rotation: the runtime finishes the record through its
     // open descriptor, then writes to the new file.
     append(&pod, &cri(t + 6 * s, "stdout", "P", "before rotation, "));
-    tokio::time::sleep(PAUSE).await;
+    zt.wait_read_to_end(&pod).await;
     let rotated = pod_dir.join("0.log.20261126-031506");
     fs::rename(&pod, &rotated).unwrap();
     append(&rotated, &cri(t + 7 * s, "stdout", "F", "after rotation"));
@@ -271,9 +207,9 @@ Caused by: java.sql.SQLException: deadlock\n\
     let (a, rest) = java_trace.split_at(80);
     let (b, c) = rest.split_at(70);
     append(&java, a);
-    tokio::time::sleep(PAUSE / 2).await;
+    zt.wait_read_to_end(&java).await;
     append(&java, b);
-    tokio::time::sleep(PAUSE / 2).await;
+    zt.wait_read_to_end(&java).await;
     append(&java, c);
     append(&java, &format!("{next_order}\n"));
     let python_trace = format!(
@@ -306,7 +242,6 @@ ValueError: bad input\n",
     let python_entry = format!("{}no timestamp on this one", python_trace);
     let e = find(&entries, &python_entry);
     assert_eq!(e.timestamp_ns, base + 2500 * ms);
-    assert_eq!(zt.metric("ztail_timestamp_fallbacks_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,21 +279,6 @@ format = "unix_millis"
     }
     assert_eq!(zt.metric("ztail_timestamp_fallbacks_total").await, 1.0);
     assert_eq!(zt.metric("ztail_timestamps_clamped_total").await, 1.0);
-}
-
-/// The file's (read offset, committed offset) in ztail's `/status`.
-async fn offsets(zt: &Ztail, path: &Path) -> Option<(u64, u64)> {
-    let (_, body) = zt.get("/status").await;
-    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let file = status["files"]
-        .as_array()?
-        .iter()
-        .find(|f| f["path"].as_str() == Some(&path.display().to_string()))?
-        .clone();
-    Some((
-        file["read_offset"].as_u64()?,
-        file["committed_offset"].as_u64()?,
-    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,8 +326,8 @@ partial_line_timeout = "60s"
     let pod_size = fs::metadata(&pod).unwrap().len();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let a = offsets(&zt, &app).await;
-        let p = offsets(&zt, &pod).await;
+        let a = zt.offsets(&app).await;
+        let p = zt.offsets(&pod).await;
         if a == Some((app_size, app_group)) && p == Some((pod_size, pod_partial)) {
             break;
         }
@@ -417,7 +337,22 @@ partial_line_timeout = "60s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await; // a checkpoint interval or three
+    // ... and persisted exactly that: the restart resumes at the start of each entry.
+    let want = [
+        (app.display().to_string(), app_group),
+        (pod.display().to_string(), pod_partial),
+    ];
+    while !want
+        .iter()
+        .all(|w| checkpoints(&env.path("state")).contains(w))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "checkpoints {:?}, want {want:?}",
+            checkpoints(&env.path("state"))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     zt.kill();
 
     append(&app, "  two, second half\nSTART three\n");
@@ -430,9 +365,8 @@ partial_line_timeout = "60s"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let entries = rx.entries();
-    let lines: Vec<&str> = entries.iter().map(|e| e.line.as_str()).collect();
     // "START three" may still grow: it waits for its timeout. No fragment ever arrives.
-    let mut sorted = lines.clone();
+    let mut sorted: Vec<&str> = entries.iter().map(|e| e.line.as_str()).collect();
     sorted.sort();
     assert_eq!(
         sorted,
@@ -486,8 +420,14 @@ format = "cri"
         ));
     }
     append(&pod, &text);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(zt.get("/readyz").await.0, 503, "the outage is visible");
+    let deadline = std::time::Instant::now() + WAIT;
+    while zt.get("/readyz").await.0 != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outage is not visible"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     rx.restart().await;
     assert!(
         rx.wait_for(|e| e.len() > n, WAIT).await,

@@ -183,14 +183,22 @@ pub fn append_text(path: &Path, text: &str) {
         .unwrap();
 }
 
-/// The highest offset the checkpoint file in `state_dir` records (0 if none): what a restart
-/// would resume from.
-pub fn checkpointed_offset(state_dir: &Path) -> u64 {
+/// The checkpoints persisted in `state_dir`: (path, offset) per file. What a restart would
+/// resume from.
+pub fn checkpoints(state_dir: &Path) -> Vec<(String, u64)> {
     let text = fs::read_to_string(state_dir.join("checkpoints.jsonl")).unwrap_or_default();
     text.lines()
         .filter_map(|l| l.split_once(' '))
         .filter_map(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
-        .filter_map(|v| v["offset"].as_u64())
+        .filter_map(|v| Some((v["path"].as_str()?.to_owned(), v["offset"].as_u64()?)))
+        .collect()
+}
+
+/// The highest offset persisted in `state_dir` (0 if none).
+pub fn checkpointed_offset(state_dir: &Path) -> u64 {
+    checkpoints(state_dir)
+        .into_iter()
+        .map(|(_, o)| o)
         .max()
         .unwrap_or(0)
 }
