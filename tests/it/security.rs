@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::WAIT;
-use crate::support::ztail::{Env, LOKI_ID, Ztail, append_lines, key_needles};
+use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_lines};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_material_never_reaches_the_log_even_at_trace_level_or_on_rotation() {
@@ -21,17 +21,40 @@ async fn key_material_never_reaches_the_log_even_at_trace_level_or_on_rotation()
     assert!(rx.wait_for(|e| e.len() >= 100, WAIT).await);
 
     // A new SVID (new key) is picked up; a key that does not match its certificate is refused
-    // with an error that names the files, not their contents.
-    let next = env.ca.issue(crate::support::ztail::ZTAIL_ID);
-    let mismatched = env.ca.issue(crate::support::ztail::ZTAIL_ID);
+    // with an error that names the files, not their contents, and the SVID before it stays.
+    let next = env.ca.issue(ZTAIL_ID);
+    let mismatched = env.ca.issue(ZTAIL_ID);
     next.write(&env.path("certs"), "ztail");
-    zt.secrets.extend(key_needles(&next.key_pem));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    zt.add_secret_key(&next.key_pem);
+    // Keep writing until a request carries the new SVID (the reload is asynchronous).
+    let mut n = 100;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !rx
+        .requests()
+        .iter()
+        .any(|r| r.client_serial_hex == next.serial_hex)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new SVID is never used"
+        );
+        append_lines(&log, "k", n..n + 10);
+        n += 10;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     fs::write(env.path("certs/ztail.key"), &mismatched.key_pem).unwrap();
-    zt.secrets.extend(key_needles(&mismatched.key_pem));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    append_lines(&log, "k", 100..200);
-    assert!(rx.wait_for(|e| e.len() >= 200, WAIT).await);
+    zt.add_secret_key(&mismatched.key_pem);
+    zt.wait_log("does not match the certificate").await;
+    assert!(rx.wait_for(|e| e.len() >= n, WAIT).await);
+    let before = rx.request_count();
+    append_lines(&log, "k", n..n + 100);
+    assert!(rx.wait_for(|e| e.len() >= n + 100, WAIT).await);
+    assert!(
+        rx.requests()[before..]
+            .iter()
+            .all(|r| r.client_serial_hex == next.serial_hex),
+        "the refused key changed nothing"
+    );
     zt.terminate(Duration::from_secs(10));
 
     let text = zt.log();
@@ -41,7 +64,8 @@ async fn key_material_never_reaches_the_log_even_at_trace_level_or_on_rotation()
         text.lines().count()
     );
     assert!(
-        text.contains("ztail.key") || text.contains("ztail.crt"),
+        text.lines()
+            .any(|l| l.contains("does not match") && l.contains("ztail.key")),
         "the mismatched key was reported by file name:\n{text}"
     );
     zt.assert_no_key_material();
@@ -53,7 +77,7 @@ async fn hostile_file_names_cannot_inject_labels() {
     let rx = env.receiver(LOKI_ID).await;
     let source = "path_labels = '/logs/(?P<app>[^/]+)\\.log$'\n";
     let _zt = Ztail::start(&env, &env.config(&rx.url(), "", source));
-    let name = r#"x", job="evil"}{host="forged\n"#;
+    let name = "x\", job=\"evil\"}{host=\"forged\nsecond line\\";
     let path = env.path(&format!("logs/{name}.log"));
     append_lines(&path, "inj", 0..3);
     assert!(rx.wait_for(|e| e.len() >= 3, WAIT).await);
