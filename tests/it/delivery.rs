@@ -89,7 +89,9 @@ async fn sigkill_at_random_moments_loses_nothing() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let lines_total = env_or("ZTAIL_KILL_LINES", 200_000);
+    // Written in 400 bursts over two files: a multiple of 800 lines.
+    let per = env_or("ZTAIL_KILL_LINES", 200_000) / 800;
+    let lines_total = per * 800;
     let min_kills = env_or("ZTAIL_KILLS", 3);
     let env = Env::new();
     let rx = env.receiver(LOKI_ID).await;
@@ -97,9 +99,8 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let files = [env.path("logs/k1.log"), env.path("logs/k2.log")];
     let writer_files = files.clone();
     let writer = std::thread::spawn(move || {
-        // 200,000 lines over about 8 s, in bursts, alternating between two files.
+        // 400 bursts over about 8 s, alternating between two files.
         for burst in 0..400 {
-            let per = lines_total / 400 / 2;
             for (i, f) in writer_files.iter().enumerate() {
                 let start = burst * per;
                 append_lines(f, &format!("k{}", i + 1), start..start + per);
@@ -120,18 +121,10 @@ async fn sigkill_at_random_moments_loses_nothing() {
         }
     }
     writer.join().unwrap();
+    assert!(kills >= min_kills, "only {kills} kills before the cap");
     let want = lines_total;
     let ok = rx
-        .wait_for(
-            |e| {
-                e.iter()
-                    .map(|e| e.line.as_str())
-                    .collect::<HashSet<_>>()
-                    .len()
-                    >= want
-            },
-            Duration::from_secs(120),
-        )
+        .wait_for_distinct_lines(want, Duration::from_secs(120))
         .await;
     let entries = rx.entries();
     let distinct: HashSet<&str> = entries.iter().map(|e| e.line.as_str()).collect();
