@@ -5,6 +5,8 @@
 //!
 //!   cargo bench --bench probes [-- SECONDS]
 
+#[allow(dead_code)]
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
@@ -12,29 +14,9 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{cpu_seconds, status_mib};
 use support::http_target::HttpTarget;
 use support::ztail::{Env, LOKI_ID, Ztail};
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ
-}
-
-fn rss_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 struct Figures {
     cpu_share: f64,
@@ -47,16 +29,7 @@ async fn measure(probes: &str, seconds: u64) -> Figures {
     let env = Env::new();
     let rx = env.receiver(LOKI_ID).await;
     // Production intervals, not the test config's fast ones.
-    let config = env
-        .config(&rx.url(), "", "")
-        .replace("level = \"info\"", "level = \"warn\"")
-        .replace("batch_wait = \"100ms\"", "batch_wait = \"1s\"")
-        .replace("rescan_interval = \"500ms\"", "rescan_interval = \"10s\"")
-        .replace(
-            "checkpoint_interval = \"100ms\"",
-            "checkpoint_interval = \"1s\"",
-        )
-        + probes;
+    let config = common::config(&env, &rx.url(), "", "", &[]) + probes;
     let zt = Ztail::start(&env, &config);
     zt.wait_up().await;
     tokio::time::sleep(Duration::from_secs(3)).await; // past start-up and the first round
@@ -66,8 +39,8 @@ async fn measure(probes: &str, seconds: u64) -> Figures {
     let wall = t0.elapsed().as_secs_f64();
     Figures {
         cpu_share: cpu / wall,
-        rss_mib: rss_kib(zt.pid(), "VmRSS:") as f64 / 1024.0,
-        peak_mib: rss_kib(zt.pid(), "VmHWM:") as f64 / 1024.0,
+        rss_mib: status_mib(zt.pid(), "VmRSS:"),
+        peak_mib: status_mib(zt.pid(), "VmHWM:"),
         results: rx.entries().len() - n0,
     }
 }
@@ -76,8 +49,8 @@ async fn measure(probes: &str, seconds: u64) -> Figures {
 async fn main() {
     // Under `cargo test` (a debug build) a short run only keeps the harness working.
     let default_secs = if cfg!(debug_assertions) { 3 } else { 30 };
-    let seconds: u64 = std::env::args()
-        .nth(1)
+    let seconds: u64 = common::args()
+        .first()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default_secs);
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -99,12 +72,10 @@ async fn main() {
     }
     let idle = measure("", seconds).await;
     let loaded = measure(&probes, seconds).await;
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
-    println!("probe load over {seconds} s ({profile} ztail, 2-core machine, loopback):");
+    println!(
+        "probe load over {seconds} s ({} ztail, 2-core machine, loopback):",
+        common::profile()
+    );
     println!(
         "  {:<34} {:>10} {:>10} {:>10} {:>12}",
         "", "CPU share", "RSS MiB", "peak MiB", "results/s"

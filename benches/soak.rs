@@ -9,26 +9,26 @@
 //! Defaults: 3600 s at 1000 lines/s. Under `cargo test` (debug build) it runs 8 s only, to keep
 //! the harness working. Not part of CI.
 
+#[allow(dead_code)]
 mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, Write};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::ztail::{Env, LOKI_ID, Ztail, free_port};
+use common::receiver::{cert_args, last_words, run_if_asked, spawn};
+use common::{open_fds, profile, status_mib};
+use support::ztail::{Env, Ztail, free_port};
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    if args.first().map(String::as_str) == Some("--receiver") {
-        return common::receiver::receiver(&args[1..], true);
+    let args = common::args();
+    if run_if_asked(&args) {
+        return;
     }
     let debug = cfg!(debug_assertions);
     let secs: u64 = args
@@ -64,35 +64,29 @@ impl Seen {
     }
 }
 
+/// The receiver process, restarted on the same port after each outage; what it saw survives.
 struct Receiver {
-    args: Vec<String>,
+    certs: Vec<String>,
+    port: u16,
     seen: Arc<Mutex<Seen>>,
     child: Option<Child>,
 }
 
 impl Receiver {
     fn start(&mut self) {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .arg("--receiver")
-            .args(&self.args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        out.read_line(&mut first).unwrap();
-        let seen = self.seen.clone();
+        let rx = spawn(&self.certs, true, self.port);
+        let (seen, out) = (self.seen.clone(), rx.out);
         std::thread::spawn(move || {
             for line in out.lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("SEQ") {
+                if let Some(words) = last_words(&line) {
                     let mut s = seen.lock().unwrap();
-                    for n in rest.split_whitespace().filter_map(|n| n.parse().ok()) {
-                        s.mark(n);
+                    for n in words {
+                        s.mark(n.parse().expect("a line number"));
                     }
                 }
             }
         });
-        self.child = Some(child);
+        self.child = Some(rx.child);
     }
 
     fn stop(&mut self) {
@@ -101,20 +95,6 @@ impl Receiver {
             let _ = c.wait();
         }
     }
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 /// Sum of the samples of a metric family.
@@ -141,7 +121,7 @@ async fn report(zt: &Ztail, rx: &Receiver, written: &AtomicU64, started: Instant
         written.load(Ordering::Relaxed),
         distinct,
         total - distinct,
-        rss_mib(pid),
+        status_mib(pid, "VmRSS:"),
         open_fds(pid),
         files,
         lag / 1024.0
@@ -150,32 +130,25 @@ async fn report(zt: &Ztail, rx: &Receiver, written: &AtomicU64, started: Instant
 
 async fn drive(secs: u64, rate: u64, debug: bool) {
     let env = Env::new();
-    let ca_dir = env.path("receiver");
-    std::fs::create_dir_all(&ca_dir).unwrap();
-    let (cert, key) = env.ca.issue(LOKI_ID).write(&ca_dir, "loki");
-    let bundle = env.ca.write_bundle(&ca_dir, "ca");
     let port = free_port();
     let mut rx = Receiver {
-        args: [cert, key, bundle]
-            .iter()
-            .map(|p| p.display().to_string())
-            .chain([port.to_string()])
-            .collect(),
+        certs: cert_args(&env),
+        port,
         seen: Arc::default(),
         child: None,
     };
     rx.start();
-    let config = env
-        .config(&format!("https://127.0.0.1:{port}"), "", "")
-        .replace("level = \"info\"", "level = \"warn\"")
-        .replace("batch_wait = \"100ms\"", "batch_wait = \"1s\"")
-        .replace("max_backoff = \"1s\"", "max_backoff = \"5s\"")
-        .replace(
-            "checkpoint_interval = \"100ms\"",
-            "checkpoint_interval = \"1s\"",
-        )
-        .replace("logs/*.log", "logs/app.log*")
-        .replace("rotate_wait = \"1s\"", "rotate_wait = \"5s\"");
+    let config = common::config(
+        &env,
+        &format!("https://127.0.0.1:{port}"),
+        "",
+        "",
+        &[
+            ("max_backoff = \"1s\"", "max_backoff = \"5s\""),
+            ("logs/*.log", "logs/app.log*"),
+            ("rotate_wait = \"1s\"", "rotate_wait = \"5s\""),
+        ],
+    );
     let zt = Ztail::start(&env, &config);
 
     // Writer: `rate` lines/s in 10 ms steps; rename rotation every 30 s, three rotated files kept.
@@ -223,7 +196,7 @@ async fn drive(secs: u64, rate: u64, debug: bool) {
 
     println!(
         "soak: {secs} s at {rate} lines/s, rotation every 30 s, receiver down 10 s every 60 s, {} ztail",
-        if debug { "debug" } else { "release" }
+        profile()
     );
     println!("  t(s)   written  received  dups  RSS MiB  fds  files  lag KiB");
     let started = Instant::now();

@@ -17,44 +17,46 @@
 //!
 //! Under `cargo test` (debug build) it runs a 2 MB corpus only, to keep the harness working.
 
+#[allow(dead_code)]
 mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
 
-use common::receiver::{digest, receiver};
-
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::ztail::{Env, LOKI_ID, Ztail};
+use common::receiver::{cert_args, digest, last_words, run_if_asked, spawn};
+use common::{cpu_seconds, profile, status_mib, unix_nanos};
+use support::ztail::{Env, Ztail};
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    match args.first().map(String::as_str) {
-        Some("--receiver") => return receiver(&args[1..], false),
-        Some("--receiver-seqs") => return receiver(&args[1..], true),
-        _ => {}
+    let args = common::args();
+    if run_if_asked(&args) {
+        return;
     }
-    let mb: usize = args
-        .first()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(if cfg!(debug_assertions) { 2 } else { 200 });
-    let case = args.get(1).cloned().unwrap_or_else(|| "mixed".into());
+    // `[NUMBER] [CASE]` in either order; NUMBER is MB, or seconds for the latency cases.
+    let number: Option<usize> = args.iter().find_map(|a| a.parse().ok());
+    let case = args
+        .iter()
+        .find(|a| a.parse::<usize>().is_err())
+        .cloned()
+        .unwrap_or_else(|| "mixed".into());
+    let mb = number.unwrap_or(if cfg!(debug_assertions) { 2 } else { 200 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     if let Some(wait) = case.strip_prefix("latency") {
-        // `latency` (1 s batch wait) or `latency-100ms`; the first argument is seconds.
+        // `latency` (1 s batch wait) or `latency-100ms`.
         let wait = wait.strip_prefix('-').unwrap_or("1s");
-        let secs = if cfg!(debug_assertions) { 2 } else { mb as u64 };
+        let secs = if cfg!(debug_assertions) {
+            2
+        } else {
+            number.unwrap_or(20) as u64
+        };
         rt.block_on(latency(secs, 20_000, wait));
     } else if case == "cri-vs-raw" {
         let raw = rt.block_on(drive(mb, "mixed"));
@@ -190,35 +192,19 @@ fn write_corpus(dir: &std::path::Path, mb: usize, case: &str) -> Corpus {
     }
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / 100.0
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 /// The inherent floor: snappy over the corpus in 1 MiB blocks, one thread (wall time of a
-/// CPU-bound loop, finer than the 10 ms ticks of /proc CPU times).
+/// CPU-bound loop, finer than the 10 ms ticks of /proc CPU times). The files are read before
+/// the clock starts.
 fn floor_seconds(dir: &std::path::Path) -> f64 {
+    let data: Vec<Vec<u8>> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
     let start = Instant::now();
     let mut enc = snap::raw::Encoder::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let data = std::fs::read(entry.path()).unwrap();
-        for block in data.chunks(1 << 20) {
-            std::hint::black_box(enc.compress_vec(block).unwrap());
-        }
+    for block in data.iter().flat_map(|d| d.chunks(1 << 20)) {
+        std::hint::black_box(enc.compress_vec(block).unwrap());
     }
     start.elapsed().as_secs_f64()
 }
@@ -230,51 +216,44 @@ async fn drive(mb: usize, case: &str) -> Run {
     let floor = floor_seconds(&logs);
 
     // The receiver runs in its own process, so its CPU is not ztail's.
-    let ca_dir = env.path("receiver");
-    std::fs::create_dir_all(&ca_dir).unwrap();
-    let server = env.ca.issue(LOKI_ID);
-    let (cert, key) = server.write(&ca_dir, "loki");
-    let bundle = env.ca.write_bundle(&ca_dir, "ca");
-    let mut rx = Command::new(std::env::current_exe().unwrap())
-        .arg("--receiver")
-        .args([&cert, &key, &bundle])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let common::receiver::Rx {
+        child: mut rx,
+        port,
+        out,
+    } = spawn(&cert_args(&env), false, 0);
     let rx_pid = rx.id();
-    let mut out = BufReader::new(rx.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let port: u16 = first.trim().strip_prefix("PORT ").unwrap().parse().unwrap();
     let count = Arc::new(AtomicU64::new(0));
     let sum = Arc::new(AtomicU64::new(0));
-    let (c, s) = (count.clone(), sum.clone());
+    // When 5 % and 95 % of the lines had arrived: the steady rate, without start-up and the
+    // last batch's wait.
+    let marks = Arc::new(std::sync::Mutex::new((None::<Instant>, None::<Instant>)));
+    let (c, s, m) = (count.clone(), sum.clone(), marks.clone());
+    let (low, high) = (corpus.lines / 20, corpus.lines * 19 / 20);
     std::thread::spawn(move || {
         for l in out.lines().map_while(Result::ok) {
             if let Some(rest) = l.strip_prefix("COUNT ") {
                 let mut it = rest.split_whitespace();
-                c.store(it.next().unwrap().parse().unwrap(), Ordering::SeqCst);
+                let n: u64 = it.next().unwrap().parse().unwrap();
+                c.store(n, Ordering::SeqCst);
                 s.store(it.nth(1).unwrap().parse().unwrap(), Ordering::SeqCst);
+                let mut marks = m.lock().unwrap();
+                if n >= low && marks.0.is_none() {
+                    marks.0 = Some(Instant::now());
+                }
+                if n >= high && marks.1.is_none() {
+                    marks.1 = Some(Instant::now());
+                }
             }
         }
     });
 
-    let config = env
-        .config(
-            &format!("https://127.0.0.1:{port}"),
-            "max_in_flight = 4",
-            if case == "cri" {
-                "format = \"cri\""
-            } else {
-                ""
-            },
-        )
-        .replace("level = \"info\"", "level = \"warn\"")
-        .replace("batch_wait = \"100ms\"", "batch_wait = \"1s\"")
-        .replace(
-            "checkpoint_interval = \"100ms\"",
-            "checkpoint_interval = \"1s\"",
-        );
+    let source = if case == "cri" {
+        "format = \"cri\""
+    } else {
+        ""
+    };
+    let url = format!("https://127.0.0.1:{port}");
+    let config = common::config(&env, &url, "max_in_flight = 4", source, &[]);
     let rx_cpu0 = cpu_seconds(rx_pid);
     let started = Instant::now();
     let zt = Ztail::start(&env, &config);
@@ -291,30 +270,43 @@ async fn drive(mb: usize, case: &str) -> Run {
     }
     let wall = started.elapsed().as_secs_f64();
     let zt_cpu = cpu_seconds(zt.pid());
-    let zt_peak = peak_rss_mib(zt.pid());
+    let zt_peak = status_mib(zt.pid(), "VmHWM:");
     let rx_cpu = cpu_seconds(rx_pid) - rx_cpu0;
     std::thread::sleep(Duration::from_millis(300));
     let exact =
         count.load(Ordering::SeqCst) == corpus.lines && sum.load(Ordering::SeqCst) == corpus.digest;
     let _ = rx.kill();
     let _ = rx.wait();
+    let steady = match *marks.lock().unwrap() {
+        (Some(a), Some(b)) if b > a => Some(b.duration_since(a).as_secs_f64()),
+        _ => None,
+    };
 
     let gib = corpus.bytes as f64 / (1u64 << 30) as f64;
     let mbs = corpus.bytes as f64 / 1e6;
-    let profile = if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    };
     println!(
-        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {profile} ztail, protobuf+snappy over mTLS, loopback",
+        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {} ztail, protobuf+snappy over mTLS, loopback",
         corpus.lines,
         mbs,
-        if case == "many" { 1000 } else { 1 }
+        if case == "many" { 1000 } else { 1 },
+        profile()
     );
-    println!("  wall                {:>10.2} s", wall);
-    println!("  lines/s             {:>10.0}", corpus.lines as f64 / wall);
-    println!("  MB/s                {:>10.1}", mbs / wall);
+    println!(
+        "  wall (with start-up and the last batch wait) {:>8.2} s",
+        wall
+    );
+    println!(
+        "  lines/s over the wall {:>8.0}",
+        corpus.lines as f64 / wall
+    );
+    println!("  MB/s over the wall  {:>10.1}", mbs / wall);
+    if let Some(t) = steady {
+        println!("  MB/s steady (5-95 %) {:>9.1}", 0.9 * mbs / t);
+        println!(
+            "  lines/s steady      {:>10.0}",
+            0.9 * corpus.lines as f64 / t
+        );
+    }
     println!(
         "  ztail CPU           {:>10.2} s   ({:.2} s per GiB)",
         zt_cpu,
@@ -339,112 +331,89 @@ async fn drive(mb: usize, case: &str) -> Run {
     }
 }
 
-/// The latency mode: a fixed write rate, every line stamped with its write time (ns), measured
-/// when the receiver's decode of it reaches this process.
+/// The latency mode: a fixed write rate, every line ending in `<seq>:<write time in ns>`,
+/// measured when the receiver's decode of it reaches this process; every seq must arrive once.
 async fn latency(secs: u64, rate: u64, batch_wait: &str) {
     let env = Env::new();
-    let ca_dir = env.path("receiver");
-    std::fs::create_dir_all(&ca_dir).unwrap();
-    let (cert, key) = env.ca.issue(LOKI_ID).write(&ca_dir, "loki");
-    let bundle = env.ca.write_bundle(&ca_dir, "ca");
-    let mut rx = Command::new(std::env::current_exe().unwrap())
-        .arg("--receiver-seqs")
-        .args([&cert, &key, &bundle])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(rx.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let port: u16 = first.trim().strip_prefix("PORT ").unwrap().parse().unwrap();
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
-    let lat = latencies.clone();
+    let common::receiver::Rx {
+        child: mut rx,
+        port,
+        out,
+    } = spawn(&cert_args(&env), true, 0);
+    let received = Arc::new(std::sync::Mutex::new((
+        Vec::<u64>::new(),
+        Vec::<u64>::new(),
+    )));
+    let sink = received.clone();
     std::thread::spawn(move || {
         for l in out.lines().map_while(Result::ok) {
-            if let Some(rest) = l.strip_prefix("SEQ") {
+            if let Some(words) = last_words(&l) {
                 let now = unix_nanos();
-                let mut v = lat.lock().unwrap();
-                v.extend(
-                    rest.split_whitespace()
-                        .filter_map(|t| t.parse::<u64>().ok())
-                        .map(|t| now.saturating_sub(t)),
-                );
+                let mut r = sink.lock().unwrap();
+                for w in words {
+                    let (seq, ns) = w.split_once(':').expect("seq:ns");
+                    r.0.push(seq.parse().unwrap());
+                    r.1.push(now.saturating_sub(ns.parse().unwrap()));
+                }
             }
         }
     });
-    let config = env
-        .config(&format!("https://127.0.0.1:{port}"), "", "")
-        .replace("level = \"info\"", "level = \"warn\"")
-        .replace(
-            "batch_wait = \"100ms\"",
-            &format!("batch_wait = \"{batch_wait}\""),
-        )
-        .replace(
-            "checkpoint_interval = \"100ms\"",
-            "checkpoint_interval = \"1s\"",
-        );
+    let url = format!("https://127.0.0.1:{port}");
+    let wait = format!("batch_wait = \"{batch_wait}\"");
+    let config = common::config(&env, &url, "", "", &[("batch_wait = \"1s\"", &wait)]);
+    // The file exists before ztail starts: the figures do not include its discovery.
+    let log = env.path("logs/app.log");
+    std::fs::File::create(&log).unwrap();
     let zt = Ztail::start(&env, &config);
     zt.wait_up().await;
-    let log = env.path("logs/app.log");
     let writer = std::thread::spawn(move || {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let per_ms = rate / 1000;
+        let mut f = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+        let per_ms = (rate / 1000).max(1);
         let start = Instant::now();
-        let mut written = 0u64;
+        let mut seq = 0u64;
         let mut step = 0u64;
         while start.elapsed() < Duration::from_secs(secs) {
             let mut buf = String::new();
             for _ in 0..per_ms {
                 buf.push_str(&format!(
-                    "2026-11-26T06:00:00Z INFO [latency] request served path=/api/v1/orders status=200 {}\n",
+                    "2026-11-26T06:00:00Z INFO [latency] request served path=/api/v1/orders status=200 {seq}:{}\n",
                     unix_nanos()
                 ));
+                seq += 1;
             }
             f.write_all(buf.as_bytes()).unwrap();
-            written += per_ms;
             step += 1;
             let next = start + Duration::from_millis(step);
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        written
+        seq as usize
     });
-    let written = writer.join().unwrap() as usize;
+    let written = writer.join().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while latencies.lock().unwrap().len() < written && Instant::now() < deadline {
+    while received.lock().unwrap().0.len() < written && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
+    let peak = status_mib(zt.pid(), "VmHWM:");
     let _ = rx.kill();
     let _ = rx.wait();
-    let mut v = latencies.lock().unwrap().clone();
+    let (mut seqs, mut v) = received.lock().unwrap().clone();
+    seqs.sort_unstable();
+    assert!(
+        seqs.iter().copied().eq(0..written as u64),
+        "every line exactly once: {} received for {written} written",
+        seqs.len()
+    );
     v.sort_unstable();
-    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1e6;
+    // Nearest rank.
+    let pct = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1e6;
     println!(
         "latency: {written} lines at {rate}/s for {secs} s, batch_wait {batch_wait}, {} ztail, mTLS, loopback",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
+        profile()
     );
     println!("  received            {:>10}", v.len());
     println!("  p50                 {:>10.1} ms", pct(0.50));
     println!("  p99                 {:>10.1} ms", pct(0.99));
-    println!(
-        "  max                 {:>10.1} ms",
-        *v.last().unwrap() as f64 / 1e6
-    );
-    println!("  ztail peak RSS      {:>10.1} MiB", peak_rss_mib(zt.pid()));
-    assert_eq!(v.len(), written, "every line exactly once");
-}
-
-fn unix_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    println!("  max                 {:>10.1} ms", pct(1.0));
+    println!("  ztail peak RSS      {:>10.1} MiB", peak);
 }

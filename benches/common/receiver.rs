@@ -1,9 +1,78 @@
 //! The counting Loki receiver the benchmark harnesses run in a process of their own, so that
-//! its CPU is not counted as ztail's.
+//! its CPU is not counted as ztail's: [`spawn`] starts it (the harness re-runs itself with
+//! `--receiver`), [`receiver`] is its body.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 
 use crate::support::receiver::proto::PushRequest;
+use crate::support::ztail::{Env, LOKI_ID};
+
+/// A running receiver process and its output (`COUNT` and, with seqs, `SEQ` lines).
+pub struct Rx {
+    pub child: Child,
+    pub port: u16,
+    pub out: BufReader<ChildStdout>,
+}
+
+/// The arguments [`spawn`] passes after `--receiver`: the receiver's certificate, key and the
+/// client CA bundle, written into the env once.
+pub fn cert_args(env: &Env) -> Vec<String> {
+    let dir = env.path("receiver");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = env.ca.issue(LOKI_ID).write(&dir, "loki");
+    let bundle = env.ca.write_bundle(&dir, "ca");
+    [cert, key, bundle]
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// Starts the receiver on `port` (0: any); `seqs` adds the `SEQ` lines. Returns once it
+/// listens; panics if it could not take the port asked for.
+pub fn spawn(certs: &[String], seqs: bool, port: u16) -> Rx {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg(if seqs {
+            "--receiver-seqs"
+        } else {
+            "--receiver"
+        })
+        .args(certs)
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let got: u16 = first
+        .trim()
+        .strip_prefix("PORT ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the receiver did not start: {first:?}"));
+    assert!(port == 0 || got == port, "asked for port {port}, got {got}");
+    Rx {
+        child,
+        port: got,
+        out,
+    }
+}
+
+/// Runs the receiver if the harness was started as one (`--receiver[-seqs] ARGS`).
+pub fn run_if_asked(args: &[String]) -> bool {
+    match args.first().map(String::as_str) {
+        Some("--receiver") => receiver(&args[1..], false),
+        Some("--receiver-seqs") => receiver(&args[1..], true),
+        _ => return false,
+    }
+    true
+}
+
+/// The words of a `SEQ` line: the last word of each line the receiver decoded.
+pub fn last_words(line: &str) -> Option<impl Iterator<Item = &str>> {
+    Some(line.strip_prefix("SEQ")?.split_whitespace())
+}
 
 /// FNV-1a of a line, summed over lines: equal sums and counts mean the same multiset of lines
 /// (with overwhelming probability), whatever the arrival order.
@@ -19,7 +88,7 @@ pub fn digest(line: &[u8]) -> u64 {
 /// The counting receiver: decodes every request fully (snappy, protobuf) and prints running
 /// totals (`COUNT n DIGEST d`), and with `seqs` the trailing number of every line (`SEQ a b ..`).
 /// Args: server cert, key, client CA bundle (PEM files), optionally a port.
-pub fn receiver(args: &[String], seqs: bool) {
+fn receiver(args: &[String], seqs: bool) {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
     use prost::Message;
@@ -102,13 +171,13 @@ pub fn receiver(args: &[String], seqs: bool) {
                             if seqs {
                                 println!("SEQ{seq_line}");
                             }
-                            let (count, sum) = {
+                            {
+                                // Printed under the lock, so the totals never go backwards.
                                 let mut t = totals.lock().unwrap();
                                 t.0 += n;
                                 t.1 = t.1.wrapping_add(s);
-                                *t
-                            };
-                            println!("COUNT {count} DIGEST {sum}");
+                                println!("COUNT {} DIGEST {}", t.0, t.1);
+                            }
                             let mut resp = hyper::Response::new(Full::new(Bytes::new()));
                             *resp.status_mut() = hyper::StatusCode::NO_CONTENT;
                             Ok::<_, std::convert::Infallible>(resp)
