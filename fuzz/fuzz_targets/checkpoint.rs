@@ -9,19 +9,19 @@ fuzz_target!(|data: &[u8]| {
     for line in text.lines() {
         let _ = parse_line(line);
     }
-    if data.len() < 48 {
+    if data.len() < 56 {
         return;
     }
     let n = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().unwrap());
     let entry = Entry {
         dev: n(0),
         ino: n(1),
-        path: String::from_utf8_lossy(&data[48..]).into_owned().into(),
+        path: String::from_utf8_lossy(&data[56..]).into_owned().into(),
         head_len: n(2) as u32,
         head_hash: n(3),
         offset: n(4),
         tail_len: n(5) as u32,
-        tail_hash: n(5) >> 32,
+        tail_hash: n(6),
     };
     let line = format_line(&entry);
     assert!(!line.contains('\n'), "one entry, one line: {line:?}");

@@ -52,7 +52,9 @@ struct LabelPair {
 type Seen = (String, i64, String, Vec<(String, String)>);
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, data)) = data.split_first() else { return };
+    let Some((&flags, data)) = data.split_first() else {
+        return;
+    };
     let agent = (flags & 1 == 1).then_some("spiffe://example.org/ztail");
     let streams: Vec<Arc<Stream>> = (0..3)
         .map(|i| {
@@ -65,29 +67,58 @@ fuzz_target!(|data: &[u8]| {
     let mut batch = Batch::new();
     let mut expected: Vec<Vec<Seen>> = vec![Vec::new(); 3];
     let mut order: Vec<usize> = Vec::new();
+    // Consecutive records of one stream share a chunk (up to three entries), each text at a
+    // non-zero offset of the shared data, as the tailer builds them.
+    let mut open: Option<(usize, Vec<u8>, Vec<Entry>, Vec<Meta>)> = None;
+    let flush = |open: &mut Option<(usize, Vec<u8>, Vec<Entry>, Vec<Meta>)>, batch: &mut Batch| {
+        if let Some((s, bytes, entries, meta)) = open.take() {
+            batch.push(Chunk {
+                stream: streams[s].clone(),
+                cursor: cursor.clone(),
+                data: bytes::Bytes::from(bytes),
+                entries,
+                meta,
+                meta_names: names.clone(),
+                end: Position::default(),
+            });
+        }
+    };
     for (i, record) in data.split(|&b| b == 0xff).enumerate() {
         let (head, rest) = record.split_at(record.len().min(9));
         let s = head.first().map_or(0, |b| *b as usize % 3);
-        let ts = head.get(1..9).map_or(i as i64, |b| i64::from_le_bytes(b.try_into().unwrap()));
+        let ts = head
+            .get(1..9)
+            .map_or(i as i64, |b| i64::from_le_bytes(b.try_into().unwrap()));
         let text = String::from_utf8_lossy(rest).into_owned();
         let meta_value = format!("v{i}");
         let with_meta = head.first().is_some_and(|b| b & 8 != 0);
-        let mut bytes = text.clone().into_bytes();
-        let text_end = bytes.len();
-        bytes.extend_from_slice(meta_value.as_bytes());
-        let meta = vec![Meta {
-            name: (i % 2) as u8,
-            start: text_end as u32,
-            end: bytes.len() as u32,
-        }];
-        let entry = Entry {
-            start: 0,
-            end: text_end as u32,
+        if open.as_ref().is_some_and(|o| o.0 != s || o.2.len() == 3) {
+            flush(&mut open, &mut batch);
+        }
+        let (_, bytes, entries, meta) =
+            open.get_or_insert_with(|| (s, Vec::new(), Vec::new(), Vec::new()));
+        bytes.push(b'#');
+        let start = bytes.len();
+        bytes.extend_from_slice(text.as_bytes());
+        let end = bytes.len();
+        let meta_start = meta.len();
+        if with_meta {
+            let at = bytes.len();
+            bytes.extend_from_slice(meta_value.as_bytes());
+            meta.push(Meta {
+                name: (i % 2) as u8,
+                start: at as u32,
+                end: bytes.len() as u32,
+            });
+        }
+        entries.push(Entry {
+            start: start as u32,
+            end: end as u32,
             ts,
-            meta_start: 0,
+            meta_start: meta_start as u32,
             meta_len: with_meta as u16,
             sub: 0,
-        };
+        });
         let mut seen_meta = Vec::new();
         if with_meta {
             seen_meta.push((names[i % 2].clone(), meta_value));
@@ -99,16 +130,8 @@ fuzz_target!(|data: &[u8]| {
         if !order.contains(&s) {
             order.push(s);
         }
-        batch.push(Chunk {
-            stream: streams[s].clone(),
-            cursor: cursor.clone(),
-            data: bytes::Bytes::from(bytes),
-            entries: vec![entry],
-            meta,
-            meta_names: names.clone(),
-            end: Position::default(),
-        });
     }
+    flush(&mut open, &mut batch);
     let want: Vec<Seen> = order.iter().flat_map(|&s| expected[s].clone()).collect();
 
     let raw = encode::protobuf_uncompressed(&batch, agent);
@@ -119,31 +142,55 @@ fuzz_target!(|data: &[u8]| {
         .flat_map(|s| {
             s.entries.iter().map(|e| {
                 let ts = e.timestamp.clone().unwrap_or_default();
+                assert!(
+                    (0..1_000_000_000).contains(&ts.nanos),
+                    "nanos out of range: {ts:?}"
+                );
                 (
                     s.labels.clone(),
-                    ts.seconds.wrapping_mul(1_000_000_000).wrapping_add(ts.nanos as i64),
+                    ts.seconds
+                        .wrapping_mul(1_000_000_000)
+                        .wrapping_add(ts.nanos as i64),
                     String::from_utf8(e.line.clone()).unwrap(),
-                    e.structured_metadata.iter().map(|p| (p.name.clone(), p.value.clone())).collect(),
+                    e.structured_metadata
+                        .iter()
+                        .map(|p| (p.name.clone(), p.value.clone()))
+                        .collect(),
                 )
             })
         })
         .collect();
     assert_eq!(got, want, "protobuf");
-    assert!(push.streams.iter().all(|s| !s.entries.is_empty()), "no empty stream");
+    assert!(
+        push.streams.iter().all(|s| !s.entries.is_empty()),
+        "no empty stream"
+    );
     let compressed = encode::protobuf(&batch, agent);
-    let decompressed = snap::raw::Decoder::new().decompress_vec(&compressed).unwrap();
+    let decompressed = snap::raw::Decoder::new()
+        .decompress_vec(&compressed)
+        .unwrap();
     assert_eq!(decompressed, raw, "snappy block");
 
-    let json: serde_json::Value = serde_json::from_slice(&encode::json(&batch, agent)).expect("JSON parses");
+    let json: serde_json::Value =
+        serde_json::from_slice(&encode::json(&batch, agent)).expect("JSON parses");
     let mut got = Vec::new();
     for s in json["streams"].as_array().unwrap() {
-        let job = s["stream"]["job"].as_str().unwrap();
-        let labels = LabelSet::new(BTreeMap::from([("job".to_owned(), job.to_owned())])).render();
+        let pairs: BTreeMap<String, String> = s["stream"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+            .collect();
+        let labels = LabelSet::new(pairs).render();
         for v in s["values"].as_array().unwrap() {
             let meta = v
                 .get(2)
                 .and_then(|m| m.as_object())
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())).collect())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                        .collect()
+                })
                 .unwrap_or_default();
             got.push((
                 labels.clone(),

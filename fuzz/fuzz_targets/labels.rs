@@ -19,6 +19,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let rendered = LabelSet::new(labels.clone()).render();
+    // Loki's parser refuses raw control characters in a selector: every one must be escaped.
+    assert!(
+        !rendered.chars().any(char::is_control),
+        "unescaped control character: {rendered:?}"
+    );
     let parsed = parse(&rendered).unwrap_or_else(|e| panic!("{e}: {rendered:?}"));
     assert_eq!(parsed, labels, "{rendered:?}");
 });
