@@ -9,6 +9,15 @@ use crate::support::receiver::RecordedEntry;
 use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_text as append, checkpoints};
 use crate::{WAIT, an_hour_ago, now_ns, rfc3339};
 
+/// A CRI source over `logs/pods/<namespace>_<pod>_<uid>/<container>/N.log`; tests append keys.
+const PODS: &str = r#"
+[[sources]]
+name = "pods"
+include = ["logs/pods/*/*/*.log"]
+start_at = "beginning"
+format = "cri"
+"#;
+
 /// `ns` as a Java/Python logging time at UTC+01:00: `2026-11-26 04:15:00,250`.
 fn local_time(ns: i128) -> String {
     let t = rfc3339(ns + 3_600_000_000_000);
@@ -46,13 +55,8 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 async fn cri_and_docker_files_ship_messages_with_their_time_labels_and_metadata() {
     let env = Env::new();
     let rx = env.receiver(LOKI_ID).await;
-    let sources = r#"
-[[sources]]
-name = "pods"
-include = ["logs/pods/*/*/*.log"]
-start_at = "beginning"
-format = "cri"
-path_labels = '/pods/(?P<namespace>[^/_]+)_(?P<pod>[^/_]+)_[^/]+/(?P<container>[^/]+)/'
+    let sources = PODS.to_owned()
+        + r#"path_labels = '/pods/(?P<namespace>[^/_]+)_(?P<pod>[^/_]+)_[^/]+/(?P<container>[^/]+)/'
 partial_line_timeout = "20s"
 rotate_wait = "3s"
 labels = { cluster = "c1" }
@@ -67,7 +71,7 @@ path_labels = '/containers/(?P<container_id>[0-9a-f]{12})'
 metadata_fields = ["trace_id", "level"]
 partial_line_timeout = "20s"
 "#;
-    let zt = Ztail::start(&env, &env.config(&rx.url(), "provenance = true", sources));
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "provenance = true", &sources));
     let pod_dir = env.path("logs/pods/shop_web-7f9c_0a1b2c3d/nginx");
     let pod = pod_dir.join("0.log");
     let dock = env.path("logs/containers/4f2a9c1b7e3d0000/4f2a9c1b7e3d0000-json.log");
@@ -289,15 +293,11 @@ async fn a_crash_inside_a_multiline_group_or_cri_partial_resends_the_whole_entry
 [sources.multiline]
 start = '^START'
 timeout = "60s"
-
-[[sources]]
-name = "pods"
-include = ["logs/pods/*/*/*.log"]
-start_at = "beginning"
-format = "cri"
-partial_line_timeout = "60s"
-"#;
-    let config = env.config(&rx.url(), "", sources);
+"#
+    .to_owned()
+        + PODS
+        + "partial_line_timeout = \"60s\"\n";
+    let config = env.config(&rx.url(), "", &sources);
     let mut zt = Ztail::start(&env, &config);
     let app = env.path("logs/app.log");
     let pod = env.path("logs/pods/ns_pod_uid/c/0.log");
@@ -388,14 +388,7 @@ partial_line_timeout = "60s"
 async fn a_two_hour_old_backlog_keeps_its_original_timestamps() {
     let env = Env::new();
     let rx = env.receiver(LOKI_ID).await;
-    let sources = r#"
-[[sources]]
-name = "pods"
-include = ["logs/pods/*/*/*.log"]
-start_at = "beginning"
-format = "cri"
-"#;
-    let zt = Ztail::start(&env, &env.config(&rx.url(), "", sources));
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "", PODS));
     let pod = env.path("logs/pods/ns_pod_uid/c/0.log");
     // The test plays two hours in the past rather than waiting two hours: every record
     // carries the time it was written.
