@@ -361,11 +361,20 @@ impl Tailer {
         {
             let mut reg = lock(&self.files);
             if let Some(f) = reg.by_inode.get(&key).cloned() {
-                // Known file. If it was renamed to a path that still matches, follow it there.
-                if f.path() != path
-                    && f.state() != FileState::Closed
-                    && !reg.by_path.contains_key(&path)
+                // Known file. If it was renamed to a path that still matches, follow it there,
+                // and let go of the old path so that the file now created there is tailed.
+                let old = f.path();
+                if old != path && f.state() != FileState::Closed && !reg.by_path.contains_key(&path)
                 {
+                    if reg
+                        .by_path
+                        .get(&old)
+                        .is_some_and(|cur| Arc::ptr_eq(cur, &f))
+                    {
+                        reg.by_path.remove(&old);
+                        // The old path may already have been passed over in this scan.
+                        self.rescan.notify_one();
+                    }
                     *lock(&f.path) = path.clone();
                     reg.by_path.insert(path, f.clone());
                     f.wake.notify_one();
@@ -639,6 +648,80 @@ mod tests {
         assert_eq!(
             watch_root("/var/log/a.log"),
             (PathBuf::from("/var/log"), false)
+        );
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::SourceConfig;
+    use crate::loki::labels::LabelSet;
+
+    /// Found by the tailer model's long mode: when a scan followed a renamed file before the
+    /// file's own task noticed the rename, the old path stayed claimed by the rotated file and
+    /// the file created there was never tailed.
+    #[test]
+    fn a_scan_that_follows_a_rename_frees_the_old_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let log = dir.join("app.log");
+        std::fs::write(&log, "first\n").unwrap();
+        let source = SourceConfig {
+            name: "rotation".into(),
+            include: vec![format!("{}/app.log*", dir.display())],
+            exclude: globset::GlobSet::empty(),
+            start_at: StartAt::Beginning,
+            labels: LabelSet::default(),
+            partial_line_timeout: Duration::from_secs(30),
+            rotate_wait: Duration::from_millis(200),
+            framing: Arc::new(format::Framing::raw(1 << 16)),
+            path_labels: None,
+        };
+        let tailer = Tailer::new(
+            vec![source],
+            TailConfig {
+                rescan_interval: Duration::from_secs(10),
+                checkpoint_interval: Duration::from_secs(1),
+                read_buffer: 4096,
+            },
+            StateDir::open(&dir.join("state")).unwrap(),
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+        );
+        // A current-thread runtime that is never yielded to: the file tasks do not run, so
+        // the scans see the rename first.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let (tx, _rx) = mpsc::channel(8);
+        let scan = || {
+            for (source, path, meta) in tailer.scan() {
+                tailer.start_file(source, path, &meta, &tx);
+            }
+        };
+        scan();
+        std::fs::rename(&log, dir.join("app.log.1")).unwrap();
+        std::fs::File::create(&log)
+            .unwrap()
+            .write_all(b"second\n")
+            .unwrap();
+        scan(); // follows the rename; `app.log` sorts first, so it was passed over
+        scan();
+        let new_ino = std::fs::metadata(&log).unwrap().ino();
+        let paths: Vec<(PathBuf, u64)> = tailer.files().iter().map(|f| (f.path(), f.ino)).collect();
+        assert!(
+            paths.contains(&(log.clone(), new_ino)),
+            "the file created at the rotated path is tailed: {paths:?}"
+        );
+        assert!(
+            paths.iter().any(|(p, _)| p == &dir.join("app.log.1")),
+            "the rotated file is followed: {paths:?}"
         );
     }
 }
