@@ -166,6 +166,14 @@ impl FileReader {
             self.carry = data[..carried].to_vec();
             return Ok(ReadStep::Eof);
         }
+        // A file truncated and rewritten past our offset (copytruncate) reads as plausible
+        // bytes from the middle of its new content: they are dropped unshipped, and the tailer
+        // sees `head_changed` and reads the file again from its start.
+        if self.head_changed()? {
+            self.file.seek(SeekFrom::Start(self.read_at))?;
+            self.carry = data[..carried].to_vec();
+            return Ok(ReadStep::Eof);
+        }
         if (self.read_at as usize) < HEAD_LEN {
             let want = HEAD_LEN - self.read_at as usize;
             self.head
@@ -391,6 +399,28 @@ mod tests {
             b"partial"
         );
         assert_eq!(c.end.offset, 26);
+    }
+
+    #[test]
+    fn a_file_rewritten_past_the_offset_is_not_read_from_the_middle() {
+        let old: String = (0..100).map(|i| format!("old line {i:03}\n")).collect();
+        let (f, mut r) = reader_over(old.as_bytes(), 1000, 256);
+        assert_eq!(all_lines(&mut r).len(), 100);
+        // copytruncate, then the application writes more than was read before.
+        let new: Vec<String> = (0..300).map(|i| format!("new {i:03}")).collect();
+        f.as_file().set_len(0).unwrap();
+        let mut w = std::fs::OpenOptions::new()
+            .append(true)
+            .open(f.path())
+            .unwrap();
+        w.write_all((new.join("\n") + "\n").as_bytes()).unwrap();
+        assert!(
+            r.read_chunk().unwrap().is_none(),
+            "bytes from the middle of the new content must not be shipped"
+        );
+        assert!(r.head_changed().unwrap());
+        r.reset().unwrap();
+        assert_eq!(all_lines(&mut r), new);
     }
 
     #[test]
