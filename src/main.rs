@@ -135,6 +135,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    tune_allocator();
     init_logging(config.log.format, &config.log.level);
     for warning in config.permission_warnings() {
         tracing::warn!("{warning}");
@@ -167,6 +168,47 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     }
 }
+
+/// glibc gives each thread that allocates its own arena (up to 8 per core), and every arena
+/// keeps the megabyte buffers it once freed: with the runtime's worker and blocking threads that
+/// was a third of ztail's peak RSS while shipping. ztail allocates per chunk, not per line, so
+/// one shared arena costs no measurable CPU (benches/RESULTS.md). `MALLOC_ARENA_MAX` or
+/// `GLIBC_TUNABLES` in the environment take precedence.
+///
+/// The arena still keeps freed pages after a burst (a backlog shipped, a Loki outage drained);
+/// a thread hands them back to the kernel every few seconds, so an idle ztail is small again.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    let tuned = ["MALLOC_ARENA_MAX", "GLIBC_TUNABLES"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if !tuned {
+        // SAFETY: mallopt only sets a tunable of glibc's allocator and takes no pointers. It
+        // runs before the runtime starts any thread (logging is set up without threads), and
+        // glibc serialises mallopt against allocation with the arena lock anyway.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+    let trim = std::thread::Builder::new()
+        .name("malloc-trim".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                // SAFETY: malloc_trim takes no pointers; it only returns free heap pages to the
+                // kernel, under glibc's arena locks, and may be called from any thread.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            }
+        });
+    if let Err(e) = trim {
+        tracing::warn!(error = %e, "cannot start the allocator trimming thread; idle memory stays higher");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
