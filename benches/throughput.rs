@@ -272,7 +272,10 @@ async fn drive(mb: usize, case: &str) -> Run {
     let zt_cpu = cpu_seconds(zt.pid());
     let zt_peak = status_mib(zt.pid(), "VmHWM:");
     let rx_cpu = cpu_seconds(rx_pid) - rx_cpu0;
-    std::thread::sleep(Duration::from_millis(300));
+    // Idle once everything is acknowledged and checkpointed (for `many`: 1,000 files watched),
+    // and ztail's allocator trim (every 5 s) has run.
+    std::thread::sleep(Duration::from_secs(6));
+    let zt_idle = status_mib(zt.pid(), "VmRSS:");
     let exact =
         count.load(Ordering::SeqCst) == corpus.lines && sum.load(Ordering::SeqCst) == corpus.digest;
     let _ = rx.kill();
@@ -313,6 +316,7 @@ async fn drive(mb: usize, case: &str) -> Run {
         zt_cpu / gib
     );
     println!("  ztail peak RSS      {:>10.1} MiB", zt_peak);
+    println!("  ztail RSS idle after {:>9.1} MiB", zt_idle);
     println!("  receiver CPU        {:>10.2} s", rx_cpu);
     println!(
         "  floor (snappy only) {:>10.2} s per GiB; ztail / floor = {:.1}x",
