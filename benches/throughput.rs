@@ -276,6 +276,7 @@ async fn drive(mb: usize, case: &str) -> Run {
     // and ztail's allocator trim (every 5 s) has run.
     std::thread::sleep(Duration::from_secs(6));
     let zt_idle = status_mib(zt.pid(), "VmRSS:");
+    let zt_idle_anon = status_mib(zt.pid(), "RssAnon:");
     let exact =
         count.load(Ordering::SeqCst) == corpus.lines && sum.load(Ordering::SeqCst) == corpus.digest;
     let _ = rx.kill();
@@ -316,7 +317,10 @@ async fn drive(mb: usize, case: &str) -> Run {
         zt_cpu / gib
     );
     println!("  ztail peak RSS      {:>10.1} MiB", zt_peak);
-    println!("  ztail RSS idle after {:>9.1} MiB", zt_idle);
+    println!(
+        "  ztail RSS idle after {:>9.1} MiB ({:.1} MiB heap and stacks, the rest mapped files)",
+        zt_idle, zt_idle_anon
+    );
     println!("  receiver CPU        {:>10.2} s", rx_cpu);
     println!(
         "  floor (snappy only) {:>10.2} s per GiB; ztail / floor = {:.1}x",
