@@ -362,9 +362,19 @@ impl Tailer {
             let mut reg = lock(&self.files);
             if let Some(f) = reg.by_inode.get(&key).cloned() {
                 // Known file. If it was renamed to a path that still matches, follow it there,
-                // and let go of the old path so that the file now created there is tailed.
+                // and let go of the old path so that the file now created there is tailed. A
+                // second name for the same file (a hard link, or a symlink the glob also
+                // matches) is not a rename: the file stays where it is.
                 let old = f.path();
-                if old != path && f.state() != FileState::Closed && !reg.by_path.contains_key(&path)
+                let renamed = || {
+                    std::fs::metadata(&old)
+                        .map(|m| (m.dev(), m.ino()) != key)
+                        .unwrap_or(true)
+                };
+                if old != path
+                    && f.state() != FileState::Closed
+                    && !reg.by_path.contains_key(&path)
+                    && renamed()
                 {
                     if reg
                         .by_path
@@ -661,15 +671,9 @@ mod rotation_tests {
     use crate::config::SourceConfig;
     use crate::loki::labels::LabelSet;
 
-    /// Found by the tailer model's long mode: when a scan followed a renamed file before the
-    /// file's own task noticed the rename, the old path stayed claimed by the rotated file and
-    /// the file created there was never tailed.
-    #[test]
-    fn a_scan_that_follows_a_rename_frees_the_old_path() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let log = dir.join("app.log");
-        std::fs::write(&log, "first\n").unwrap();
+    /// A tailer over `dir/app.log*`. The tests enter a current-thread runtime that is never
+    /// yielded to: the file tasks do not run, so only the scans act.
+    fn tailer_over(dir: &Path) -> Arc<Tailer> {
         let source = SourceConfig {
             name: "rotation".into(),
             include: vec![format!("{}/app.log*", dir.display())],
@@ -681,7 +685,7 @@ mod rotation_tests {
             framing: Arc::new(format::Framing::raw(1 << 16)),
             path_labels: None,
         };
-        let tailer = Tailer::new(
+        Tailer::new(
             vec![source],
             TailConfig {
                 rescan_interval: Duration::from_secs(10),
@@ -691,28 +695,43 @@ mod rotation_tests {
             StateDir::open(&dir.join("state")).unwrap(),
             Arc::new(Metrics::new()),
             CancellationToken::new(),
-        );
-        // A current-thread runtime that is never yielded to: the file tasks do not run, so
-        // the scans see the rename first.
-        let rt = tokio::runtime::Builder::new_current_thread()
+        )
+    }
+
+    fn scan(tailer: &Arc<Tailer>, tx: &mpsc::Sender<Chunk>) {
+        for (source, path, meta) in tailer.scan() {
+            tailer.start_file(source, path, &meta, tx);
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Found by the tailer model's long mode: when a scan followed a renamed file before the
+    /// file's own task noticed the rename, the old path stayed claimed by the rotated file and
+    /// the file created there was never tailed.
+    #[test]
+    fn a_scan_that_follows_a_rename_frees_the_old_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let log = dir.join("app.log");
+        std::fs::write(&log, "first\n").unwrap();
+        let tailer = tailer_over(dir);
+        let rt = runtime();
         let _guard = rt.enter();
         let (tx, _rx) = mpsc::channel(8);
-        let scan = || {
-            for (source, path, meta) in tailer.scan() {
-                tailer.start_file(source, path, &meta, &tx);
-            }
-        };
-        scan();
+        scan(&tailer, &tx);
         std::fs::rename(&log, dir.join("app.log.1")).unwrap();
         std::fs::File::create(&log)
             .unwrap()
             .write_all(b"second\n")
             .unwrap();
-        scan(); // follows the rename; `app.log` sorts first, so it was passed over
-        scan();
+        scan(&tailer, &tx); // follows the rename; `app.log` sorts first, so it was passed over
+        scan(&tailer, &tx);
         let new_ino = std::fs::metadata(&log).unwrap().ino();
         let paths: Vec<(PathBuf, u64)> = tailer.files().iter().map(|f| (f.path(), f.ino)).collect();
         assert!(
@@ -722,6 +741,31 @@ mod rotation_tests {
         assert!(
             paths.iter().any(|(p, _)| p == &dir.join("app.log.1")),
             "the rotated file is followed: {paths:?}"
+        );
+    }
+
+    /// A symlink the glob also matches is a second name, not a rename: the file keeps its path
+    /// (following it back and forth would rescan forever).
+    #[test]
+    fn a_second_name_for_a_file_is_not_a_rename() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("app.log"), "one\n").unwrap();
+        std::os::unix::fs::symlink(dir.join("app.log"), dir.join("app.log.link")).unwrap();
+        let tailer = tailer_over(dir);
+        let rt = runtime();
+        let _guard = rt.enter();
+        let (tx, _rx) = mpsc::channel(8);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            scan(&tailer, &tx);
+            let paths: Vec<PathBuf> = tailer.files().iter().map(|f| f.path()).collect();
+            assert_eq!(paths.len(), 1, "one inode, one tracked file: {paths:?}");
+            seen.push(paths[0].clone());
+        }
+        assert!(
+            seen.iter().all(|p| p == &dir.join("app.log")),
+            "the file stays at its first name: {seen:?}"
         );
     }
 }
