@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 
+use crate::support::receiver::proto::PushRequest;
 use crate::support::ztail::{Env, LOKI_ID};
-use lean::PushRequest;
 
 /// A running receiver process and its output (`COUNT` and, with seqs, `SEQ` lines).
 pub struct Rx {
@@ -88,36 +88,6 @@ pub fn digest(line: &[u8]) -> u64 {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
     h ^ (h >> 31)
-}
-
-/// The push messages with zero-copy `bytes` fields: decoding allocates per stream and entry
-/// vector, not per line.
-mod lean {
-    use crate::support::receiver::proto::{LabelPair, Timestamp};
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PushRequest {
-        #[prost(message, repeated, tag = "1")]
-        pub streams: Vec<Stream>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Stream {
-        #[prost(bytes = "bytes", tag = "1")]
-        pub labels: bytes::Bytes,
-        #[prost(message, repeated, tag = "2")]
-        pub entries: Vec<Entry>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Entry {
-        #[prost(message, optional, tag = "1")]
-        pub timestamp: Option<Timestamp>,
-        #[prost(bytes = "bytes", tag = "2")]
-        pub line: bytes::Bytes,
-        #[prost(message, repeated, tag = "3")]
-        pub structured_metadata: Vec<LabelPair>,
-    }
 }
 
 /// The counting receiver: decodes every request fully (snappy, protobuf) and prints running

@@ -136,7 +136,7 @@ fn now_ns() -> i128 {
 fn entry(ts: i128, line: &str, metadata: &[(&str, &str)]) -> Entry {
     Entry {
         timestamp: Some(Timestamp::from_unix_nanos(ts)),
-        line: line.as_bytes().to_vec(),
+        line: line.as_bytes().to_vec().into(),
         structured_metadata: metadata
             .iter()
             .map(|(k, v)| LabelPair {

@@ -1144,7 +1144,7 @@ fn decode_protobuf(body: &[u8]) -> Result<PushBody, Answer> {
             };
             entries.push(BodyEntry {
                 timestamp_ns,
-                line: entry.line,
+                line: entry.line.to_vec(),
                 structured_metadata: entry
                     .structured_metadata
                     .into_iter()
@@ -1558,9 +1558,9 @@ pub mod proto {
         /// Field 1.
         #[prost(message, optional, tag = "1")]
         pub timestamp: Option<Timestamp>,
-        /// Field 2.
-        #[prost(bytes = "vec", tag = "2")]
-        pub line: Vec<u8>,
+        /// Field 2. `Bytes`, so that decoding a `Bytes` body does not copy each line.
+        #[prost(bytes = "bytes", tag = "2")]
+        pub line: bytes::Bytes,
         /// Field 3.
         #[prost(message, repeated, tag = "3")]
         pub structured_metadata: Vec<LabelPair>,
