@@ -668,25 +668,12 @@ mod rotation_tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::SourceConfig;
-    use crate::loki::labels::LabelSet;
 
     /// A tailer over `dir/app.log*`. The tests enter a current-thread runtime that is never
     /// yielded to: the file tasks do not run, so only the scans act.
     fn tailer_over(dir: &Path) -> Arc<Tailer> {
-        let source = SourceConfig {
-            name: "rotation".into(),
-            include: vec![format!("{}/app.log*", dir.display())],
-            exclude: globset::GlobSet::empty(),
-            start_at: StartAt::Beginning,
-            labels: LabelSet::default(),
-            partial_line_timeout: Duration::from_secs(30),
-            rotate_wait: Duration::from_millis(200),
-            framing: Arc::new(format::Framing::raw(1 << 16)),
-            path_labels: None,
-        };
         Tailer::new(
-            vec![source],
+            vec![super::tailer_model_tests::source(dir)],
             TailConfig {
                 rescan_interval: Duration::from_secs(10),
                 checkpoint_interval: Duration::from_secs(1),

@@ -57,7 +57,8 @@ struct Instance {
     sink: tokio::task::JoinHandle<()>,
 }
 
-fn source(dir: &Path) -> SourceConfig {
+/// A raw source over `dir/app.log*` (the rotation tests use it too).
+pub(super) fn source(dir: &Path) -> SourceConfig {
     SourceConfig {
         name: "model".into(),
         include: vec![format!("{}/app.log*", dir.display())],
