@@ -36,6 +36,12 @@ use tail::checkpoint::StateDir;
 /// Chunks queued between the tailers and the batcher (each at most `tail.read_buffer` bytes).
 const CHUNK_QUEUE: usize = 8;
 
+/// Lets go of the buffers kept for reuse if ztail has been idle since the previous call. The
+/// binary calls it every few seconds, before handing free heap pages back to the kernel.
+pub fn release_idle_memory() {
+    loki::encode::release_idle_buffers();
+}
+
 /// Runs ztail until `shutdown` is cancelled, then stops reading, flushes what is in flight
 /// within `sink.shutdown_timeout` and writes the final checkpoints.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -11,6 +11,12 @@ use ztail::config::{Config, IdentityConfig, LogFormat};
 
 mod status;
 
+/// Threads of the runtime's blocking pool: file reads (at most 4 at a time), request encoding
+/// (at most `max_in_flight`), rescans and identity file loads. tokio's default of 512 let the
+/// pool grow to dozens of idle threads with 1,000 files; more threads than this do not make
+/// 2 cores faster, and a blocking task never waits for another, so a full pool only queues.
+const MAX_BLOCKING_THREADS: usize = 8;
+
 #[derive(Parser)]
 #[command(
     name = "ztail",
@@ -142,6 +148,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {
         Ok(r) => r,
@@ -195,6 +202,7 @@ fn tune_allocator() {
         .spawn(|| {
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(5));
+                ztail::release_idle_memory();
                 // SAFETY: malloc_trim takes no pointers; it only returns free heap pages to the
                 // kernel, under glibc's arena locks, and may be called from any thread.
                 unsafe {

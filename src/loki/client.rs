@@ -96,6 +96,9 @@ pub struct Sink {
     client: Mutex<Option<(Arc<Identity>, reqwest::Client)>>,
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// One request is encoded per core at a time: more would not be faster, and each holds a
+    /// batch-sized pair of buffers.
+    encoders: tokio::sync::Semaphore,
 }
 
 enum Outcome {
@@ -125,6 +128,9 @@ impl Sink {
             client: Mutex::new(None),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
+            encoders: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         }
     }
 
@@ -154,6 +160,28 @@ impl Sink {
         self.stop.cancel();
     }
 
+    /// Builds a batch's body on the blocking pool: compressing a megabyte would hold a runtime
+    /// worker for milliseconds, and reads, probes and `/healthz` would wait behind it. `None`
+    /// if the runtime shut down first.
+    async fn encode(&self, part: Batch, agent_id: &Option<Arc<str>>) -> Option<(Batch, Vec<u8>)> {
+        let _permit = self.encoders.acquire().await.ok()?;
+        let (format, agent_id) = (self.settings.body, agent_id.clone());
+        let encoded = tokio::task::spawn_blocking(move || {
+            let agent_id = agent_id.as_deref();
+            let body = match format {
+                BodyFormat::Protobuf => encode::protobuf(&part, agent_id),
+                BodyFormat::Json => encode::json(&part, agent_id),
+            };
+            (part, body)
+        })
+        .await;
+        match encoded {
+            Ok(v) => Some(v),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None,
+        }
+    }
+
     async fn deliver(&self, batch: Batch) -> bool {
         // The ID stamped on a batch is the one about to authenticate it (rotation renews the
         // SVID, not the ID).
@@ -164,12 +192,11 @@ impl Sink {
             },
             false => None,
         };
-        let agent_id = agent_id.as_deref();
+        let agent_id: Option<Arc<str>> = agent_id.map(Into::into);
         let mut parts = vec![batch];
         while let Some(part) = parts.pop() {
-            let body = match self.settings.body {
-                BodyFormat::Protobuf => encode::protobuf(&part, agent_id),
-                BodyFormat::Json => encode::json(&part, agent_id),
+            let Some((part, body)) = self.encode(part, &agent_id).await else {
+                return false;
             };
             let body_len = body.len() as u64;
             match self.push(bytes::Bytes::from(body)).await {

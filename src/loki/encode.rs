@@ -7,7 +7,11 @@
 //! (Loki answers 422 to them). Structured metadata (entry field 3) carries the fields the
 //! tailer extracted and, optionally, ztail's own SPIFFE ID.
 
-use crate::pipeline::{Batch, Chunk};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use crate::pipeline::{Batch, Chunk, lock};
 
 /// Content type of [`protobuf`] bodies.
 pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
@@ -21,28 +25,27 @@ pub const AGENT_ID: &str = "agent_spiffe_id";
 /// Snappy-compressed protobuf `PushRequest`. With `agent_id`, every entry carries it as the
 /// [`AGENT_ID`] structured-metadata field.
 ///
-/// The uncompressed request and the compressor's output are built in buffers kept per thread
-/// and reused: fresh megabytes per batch cost a reallocation, zeroing and page faults on every
-/// request (8 % of ztail's CPU in the profile before this), and only the exact compressed bytes
-/// leave.
+/// The uncompressed request and the compressor's output are built in pooled buffers: fresh
+/// megabytes per batch cost a reallocation, zeroing and page faults on every request (8 % of
+/// ztail's CPU in the profile before this), and only the exact compressed bytes leave.
 pub fn protobuf(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
-    SCRATCH.with_borrow_mut(|s| {
-        s.raw.clear();
-        write_protobuf(&mut s.raw, &mut s.lens, batch, agent_id);
-        let max = snap::raw::max_compress_len(s.raw.len());
-        if s.compressed.len() < max {
-            s.compressed.resize(max, 0);
-        }
-        // Compression only fails for inputs above snappy's 4 GiB block limit; batches are
-        // capped at 64 MiB by the config.
-        let n = s
-            .encoder
-            .compress(&s.raw, &mut s.compressed)
-            .unwrap_or_default();
-        let body = s.compressed[..n].to_vec();
-        s.trim();
-        body
-    })
+    let mut s = POOL.take();
+    s.raw.clear();
+    write_protobuf(&mut s.raw, &mut s.lens, batch, agent_id);
+    let max = snap::raw::max_compress_len(s.raw.len());
+    if s.compressed.len() < max {
+        s.compressed.resize(max, 0);
+    }
+    // Compression only fails for inputs above snappy's 4 GiB block limit; batches are capped
+    // at 64 MiB by the config.
+    let n = s
+        .encoder
+        .compress(&s.raw, &mut s.compressed)
+        .unwrap_or_default();
+    let body = s.compressed[..n].to_vec();
+    s.trim();
+    POOL.put(s);
+    body
 }
 
 /// The uncompressed protobuf `PushRequest`.
@@ -52,7 +55,57 @@ pub fn protobuf_uncompressed(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
     out
 }
 
-/// Per-thread buffers of [`protobuf`].
+/// Buffers of [`protobuf`] not in use. A pool rather than per thread: it holds at most one set
+/// per request encoded at a time, and [`release_idle_buffers`] can let all of them go.
+static POOL: Pool = Pool::new();
+
+/// Frees the pooled buffers if no request was encoded for a second. Called every few seconds,
+/// so that an idle ztail does not keep megabytes for its next batch (with 1,000 files watched
+/// they were a third of its idle RSS).
+pub fn release_idle_buffers() {
+    POOL.release_if_idle(1000);
+}
+
+struct Pool {
+    free: Mutex<Vec<Scratch>>,
+    /// When a set was last taken, in [`uptime_ms`].
+    last_used: AtomicU64,
+}
+
+impl Pool {
+    const fn new() -> Self {
+        Pool {
+            free: Mutex::new(Vec::new()),
+            last_used: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self) -> Scratch {
+        self.last_used.store(uptime_ms(), Ordering::Relaxed);
+        lock(&self.free).pop().unwrap_or_default()
+    }
+
+    fn put(&self, s: Scratch) {
+        lock(&self.free).push(s);
+    }
+
+    /// Drops the free sets if none was taken for `idle_ms`; how many it dropped.
+    fn release_if_idle(&self, idle_ms: u64) -> usize {
+        let idle = uptime_ms().saturating_sub(self.last_used.load(Ordering::Relaxed));
+        if idle < idle_ms {
+            return 0;
+        }
+        std::mem::take(&mut *lock(&self.free)).len()
+    }
+}
+
+/// Milliseconds since the first call: a monotonic clock that fits an atomic.
+fn uptime_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The buffers of one [`protobuf`] call.
 struct Scratch {
     raw: Vec<u8>,
     compressed: Vec<u8>,
@@ -61,9 +114,20 @@ struct Scratch {
     encoder: snap::raw::Encoder,
 }
 
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            raw: Vec::new(),
+            compressed: Vec::new(),
+            lens: Vec::new(),
+            encoder: snap::raw::Encoder::new(),
+        }
+    }
+}
+
 impl Scratch {
     /// Lets go of buffers far larger than the last request (after a burst, or a batch size
-    /// lowered by a 413), so an idle ztail does not keep a burst's memory.
+    /// lowered by a 413), so that a quieter ztail does not keep a burst's memory.
     fn trim(&mut self) {
         const KEEP: usize = 256 << 10;
         let used = self.raw.len();
@@ -73,15 +137,6 @@ impl Scratch {
             self.lens = Vec::new();
         }
     }
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch {
-        raw: Vec::new(),
-        compressed: Vec::new(),
-        lens: Vec::new(),
-        encoder: snap::raw::Encoder::new(),
-    });
 }
 
 /// Appends the `PushRequest` to `out`, sized exactly first (one pass computes every entry's
@@ -280,6 +335,24 @@ fn put_bytes(out: &mut Vec<u8>, field: u8, b: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_buffers_are_kept_while_busy_and_dropped_once_idle() {
+        let pool = Pool::new();
+        let mut s = pool.take();
+        s.raw.resize(300 << 10, b'x');
+        pool.put(s);
+        assert_eq!(pool.release_if_idle(60_000), 0, "just used: kept");
+        let s = pool.take();
+        assert_eq!(s.raw.len(), 300 << 10, "the pooled set is reused");
+        pool.put(s);
+        assert_eq!(pool.release_if_idle(0), 1, "idle: dropped");
+        assert_eq!(
+            pool.take().raw.capacity(),
+            0,
+            "a fresh set after the release"
+        );
+    }
 
     #[test]
     fn varint_lengths_match_the_encoding() {
