@@ -97,11 +97,8 @@ impl TrackedFile {
 
     /// Records the file's first bytes as far as they have been read (the fingerprint grows
     /// with the file up to [`reader::HEAD_LEN`]).
-    fn note_head(&self, head: &[u8]) {
-        let mut h = lock(&self.head);
-        if h.0 as usize != head.len() {
-            *h = (head.len() as u32, hash(head));
-        }
+    fn note_head(&self, fingerprint: (u32, u64)) {
+        *lock(&self.head) = fingerprint;
     }
 
     fn entry(&self) -> Entry {
@@ -432,7 +429,6 @@ impl Tailer {
                 return;
             }
         };
-        let head = reader.head();
         let streams = self.streams_for(src, &path);
         let tracked = Arc::new(TrackedFile {
             dev: key.0,
@@ -444,7 +440,7 @@ impl Tailer {
             meta_names: src.framing.meta_names().into(),
             read_offset: AtomicU64::new(start.offset),
             size: AtomicU64::new(fmeta.len()),
-            head: Mutex::new((head.len() as u32, hash(head))),
+            head: Mutex::new(reader.fingerprint()),
             state: AtomicU8::new(FileState::Active as u8),
             deleted: AtomicBool::new(false),
             wake: Notify::new(),

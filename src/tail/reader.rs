@@ -55,8 +55,11 @@ pub struct FileReader {
     discarding: bool,
     /// The last bytes consumed (for the position's tail hash).
     tail: Vec<u8>,
-    /// The first bytes of the file (for its fingerprint).
+    /// The file's first bytes as far as read (its fingerprint), kept while fewer than
+    /// [`HEAD_LEN`]; then only their length and hash, 1 KiB less per watched file.
     head: Vec<u8>,
+    head_len: usize,
+    head_hash: u64,
     max_line: usize,
     buf_size: usize,
     /// `None` for raw sources without multiline, timestamps or metadata.
@@ -76,12 +79,15 @@ impl FileReader {
             discarding: false,
             tail: Vec::with_capacity(TAIL_LEN),
             head: Vec::new(),
+            head_len: 0,
+            head_hash: hash(&[]),
             max_line,
             buf_size,
             framer,
         };
         r.file.seek(SeekFrom::Start(start))?;
-        r.head = read_head(&r.file, (start as usize).min(HEAD_LEN))?;
+        let head = read_head(&r.file, (start as usize).min(HEAD_LEN))?;
+        r.set_head(head);
         let from = start.saturating_sub(TAIL_LEN as u64);
         let mut tail = vec![0; (start - from) as usize];
         r.file.read_exact_at(&mut tail, from)?;
@@ -107,9 +113,20 @@ impl FileReader {
         }
     }
 
-    /// The file's first bytes as far as they have been read.
-    pub fn head(&self) -> &[u8] {
-        &self.head
+    /// Length and hash of the file's first bytes as far as they have been read (up to
+    /// [`HEAD_LEN`]).
+    pub fn fingerprint(&self) -> (u32, u64) {
+        (self.head_len as u32, self.head_hash)
+    }
+
+    fn set_head(&mut self, head: Vec<u8>) {
+        self.head_len = head.len();
+        self.head_hash = hash(&head);
+        self.head = if head.len() < HEAD_LEN {
+            head
+        } else {
+            Vec::new()
+        };
     }
 
     pub fn has_partial(&self) -> bool {
@@ -123,7 +140,7 @@ impl FileReader {
         self.consumed = 0;
         self.carry.clear();
         self.tail.clear();
-        self.head.clear();
+        self.set_head(Vec::new());
         self.discarding = false;
         if let Some(f) = &mut self.framer {
             f.reset();
@@ -134,11 +151,11 @@ impl FileReader {
     /// True if the bytes at the start of the file are no longer those read earlier (the file
     /// was truncated and rewritten, possibly beyond our offset, before we noticed).
     pub fn head_changed(&self) -> io::Result<bool> {
-        if self.head.is_empty() {
+        if self.head_len == 0 {
             return Ok(false);
         }
-        let now = read_head(&self.file, self.head.len())?;
-        Ok(now != self.head)
+        let now = read_head(&self.file, self.head_len)?;
+        Ok(now.len() != self.head_len || hash(&now) != self.head_hash)
     }
 
     /// Reads until at least one line is complete (or an over-long line was cut) and returns the
@@ -176,8 +193,9 @@ impl FileReader {
         }
         if (self.read_at as usize) < HEAD_LEN {
             let want = HEAD_LEN - self.read_at as usize;
-            self.head
-                .extend_from_slice(&data[carried..carried + want.min(n)]);
+            let mut head = std::mem::take(&mut self.head);
+            head.extend_from_slice(&data[carried..carried + want.min(n)]);
+            self.set_head(head);
         }
         self.read_at += n as u64;
         Ok(match self.split(data, false) {
@@ -402,6 +420,33 @@ mod tests {
     }
 
     #[test]
+    fn the_fingerprint_grows_with_the_file_then_keeps_only_a_hash() {
+        let (mut f, mut r) = reader_over(b"first\n", 1000, 64);
+        all_lines(&mut r);
+        assert_eq!(r.fingerprint(), (6, hash(b"first\n")));
+        f.write_all(b"second\n").unwrap();
+        assert_eq!(all_lines(&mut r), ["second"]);
+        assert_eq!(r.fingerprint(), (13, hash(b"first\nsecond\n")));
+        // Rewritten in place, same length: a short head is still compared.
+        f.as_file().write_all_at(b"FIRST", 0).unwrap();
+        assert!(r.head_changed().unwrap());
+        f.as_file().write_all_at(b"first", 0).unwrap();
+        assert!(!r.head_changed().unwrap());
+
+        // Grown past HEAD_LEN: the bytes are dropped, the hash still tells a rewrite.
+        let long: String = (0..200).map(|i| format!("line {i:03}\n")).collect();
+        f.write_all(long.as_bytes()).unwrap();
+        assert_eq!(all_lines(&mut r).len(), 200);
+        let content = format!("first\nsecond\n{long}");
+        let head = &content.as_bytes()[..HEAD_LEN];
+        assert_eq!(r.fingerprint(), (HEAD_LEN as u32, hash(head)));
+        assert_eq!(r.head.capacity(), 0, "a complete head keeps no bytes");
+        assert!(!r.head_changed().unwrap());
+        f.as_file().write_all_at(b"X", HEAD_LEN as u64 - 1).unwrap();
+        assert!(r.head_changed().unwrap());
+    }
+
+    #[test]
     fn a_file_rewritten_past_the_offset_is_not_read_from_the_middle() {
         let old: String = (0..100).map(|i| format!("old line {i:03}\n")).collect();
         let (f, mut r) = reader_over(old.as_bytes(), 1000, 256);
@@ -505,6 +550,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(resumed.position(), a.position());
-        assert_eq!(a.head(), &content.as_bytes()[..HEAD_LEN]);
+        let head = &content.as_bytes()[..HEAD_LEN];
+        assert_eq!(a.fingerprint(), (HEAD_LEN as u32, hash(head)));
+        assert_eq!(resumed.fingerprint(), a.fingerprint());
     }
 }
