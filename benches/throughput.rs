@@ -5,7 +5,7 @@
 //! The baseline, measured in the same run, is the inherent floor: snappy-compressing the corpus
 //! in 1 MiB blocks in one thread.
 //!
-//!   cargo bench --bench throughput -- [MB] [mixed|short|many|cri|cri-vs-raw]
+//!   cargo bench --bench throughput -- [MB] [mixed|short|many|cri|cri-vs-raw][-100ms]
 //!   cargo bench --bench throughput -- [SECONDS] latency|latency-100ms
 //!
 //! `latency` writes 20,000 lines/s for SECONDS, each carrying its write time, and prints the
@@ -13,7 +13,8 @@
 //!
 //! `cri` writes the mixed corpus as Kubernetes CRI records (`<time> stdout F <line>`) and ships
 //! it with `format = "cri"`; `cri-vs-raw` runs `mixed` and `cri` back to back and prints the
-//! ratio of their CPU per GiB.
+//! ratio of their CPU per GiB. A `-100ms` suffix (`mixed-100ms`) ships with a 100 ms batch wait
+//! instead of the default 1 s, which the last batch of a corpus otherwise waits out.
 //!
 //! Under `cargo test` (debug build) it runs a 2 MB corpus only, to keep the harness working.
 
@@ -210,6 +211,10 @@ fn floor_seconds(dir: &std::path::Path) -> f64 {
 }
 
 async fn drive(mb: usize, case: &str) -> Run {
+    let (case, batch_wait) = match case.strip_suffix("-100ms") {
+        Some(case) => (case, "100ms"),
+        None => (case, "1s"),
+    };
     let env = Env::new();
     let logs = env.path("logs");
     let corpus = write_corpus(&logs, mb, case);
@@ -224,9 +229,9 @@ async fn drive(mb: usize, case: &str) -> Run {
     let rx_pid = rx.id();
     let count = Arc::new(AtomicU64::new(0));
     let sum = Arc::new(AtomicU64::new(0));
-    // When 5 % and 95 % of the lines had arrived: the steady rate, without start-up and the
-    // last batch's wait.
-    let marks = Arc::new(std::sync::Mutex::new((None::<Instant>, None::<Instant>)));
+    // When the first lines, 5 % and 95 % of them had arrived: start-up, and the steady rate
+    // without start-up and the last batch's wait.
+    let marks = Arc::new(std::sync::Mutex::new([None::<Instant>; 3]));
     let (c, s, m) = (count.clone(), sum.clone(), marks.clone());
     let (low, high) = (corpus.lines / 20, corpus.lines * 19 / 20);
     std::thread::spawn(move || {
@@ -237,11 +242,10 @@ async fn drive(mb: usize, case: &str) -> Run {
                 c.store(n, Ordering::SeqCst);
                 s.store(it.nth(1).unwrap().parse().unwrap(), Ordering::SeqCst);
                 let mut marks = m.lock().unwrap();
-                if n >= low && marks.0.is_none() {
-                    marks.0 = Some(Instant::now());
-                }
-                if n >= high && marks.1.is_none() {
-                    marks.1 = Some(Instant::now());
+                for (mark, at) in marks.iter_mut().zip([1, low, high]) {
+                    if n >= at && mark.is_none() {
+                        *mark = Some(Instant::now());
+                    }
                 }
             }
         }
@@ -253,7 +257,14 @@ async fn drive(mb: usize, case: &str) -> Run {
         ""
     };
     let url = format!("https://127.0.0.1:{port}");
-    let config = common::config(&env, &url, "max_in_flight = 4", source, &[]);
+    let wait = format!("batch_wait = \"{batch_wait}\"");
+    let config = common::config(
+        &env,
+        &url,
+        "max_in_flight = 4",
+        source,
+        &[("batch_wait = \"1s\"", &wait)],
+    );
     let rx_cpu0 = cpu_seconds(rx_pid);
     let started = Instant::now();
     let zt = Ztail::start(&env, &config);
@@ -281,15 +292,17 @@ async fn drive(mb: usize, case: &str) -> Run {
         count.load(Ordering::SeqCst) == corpus.lines && sum.load(Ordering::SeqCst) == corpus.digest;
     let _ = rx.kill();
     let _ = rx.wait();
-    let steady = match *marks.lock().unwrap() {
-        (Some(a), Some(b)) if b > a => Some(b.duration_since(a).as_secs_f64()),
+    let marks = *marks.lock().unwrap();
+    let steady = match marks {
+        [_, Some(a), Some(b)] if b > a => Some(b.duration_since(a).as_secs_f64()),
         _ => None,
     };
+    let startup = marks[0].map(|t| t.duration_since(started).as_secs_f64());
 
     let gib = corpus.bytes as f64 / (1u64 << 30) as f64;
     let mbs = corpus.bytes as f64 / 1e6;
     println!(
-        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {} ztail, protobuf+snappy over mTLS, loopback",
+        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {} ztail, protobuf+snappy over mTLS, loopback, batch_wait {batch_wait}",
         corpus.lines,
         mbs,
         if case == "many" { 1000 } else { 1 },
@@ -299,6 +312,9 @@ async fn drive(mb: usize, case: &str) -> Run {
         "  wall (with start-up and the last batch wait) {:>8.2} s",
         wall
     );
+    if let Some(t) = startup {
+        println!("  first lines received after {:>7.2} s", t);
+    }
     println!(
         "  lines/s over the wall {:>8.0}",
         corpus.lines as f64 / wall
