@@ -96,8 +96,8 @@ pub struct Sink {
     client: Mutex<Option<(Arc<Identity>, reqwest::Client)>>,
     tasks: TaskTracker,
     stop: CancellationToken,
-    /// One request is encoded per core at a time: more would not be faster, and each holds a
-    /// batch-sized pair of buffers.
+    /// One request is encoded per core at a time: more would not be faster, and would only
+    /// take blocking-pool threads from file reads.
     encoders: tokio::sync::Semaphore,
 }
 

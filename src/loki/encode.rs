@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
+use snap::raw::max_compress_len;
+
 use crate::pipeline::{Batch, Chunk, lock};
 
 /// Content type of [`protobuf`] bodies.
@@ -41,9 +43,6 @@ pub fn protobuf(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
     // Capacity for the worst case; only the pages written are ever touched.
     let mut body = Vec::with_capacity(varint_len(total as u64) + max_compress_len(total));
     put_varint(&mut body, total as u64);
-    if block.len() < max_compress_len(BLOCK) {
-        block.resize(max_compress_len(BLOCK), 0);
-    }
     // Compresses the full blocks at the front of `raw` (every block with `all`) onto `body`;
     // how many bytes of `raw` it consumed.
     let mut compress = |raw: &mut Vec<u8>, all: bool| {
@@ -81,10 +80,6 @@ pub fn protobuf_uncompressed(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
 
 /// Snappy's block size: its compressor starts over every 64 KiB of input.
 const BLOCK: usize = 1 << 16;
-
-fn max_compress_len(n: usize) -> usize {
-    snap::raw::max_compress_len(n)
-}
 
 /// Buffers of [`protobuf`] not in use. A pool rather than per thread: it holds at most one set
 /// per request encoded at a time, and [`release_idle_buffers`] can let all of them go.
@@ -140,7 +135,7 @@ fn uptime_ms() -> u64 {
 struct Scratch {
     /// Uncompressed bytes not yet compressed: less than a block and one entry.
     raw: Vec<u8>,
-    /// The compressor's output for one block.
+    /// The compressor's output for one block, sized for the worst case once.
     block: Vec<u8>,
     /// Encoded length of each stream and entry, from the sizing pass.
     lens: Vec<u32>,
@@ -151,7 +146,7 @@ impl Default for Scratch {
     fn default() -> Self {
         Scratch {
             raw: Vec::new(),
-            block: Vec::new(),
+            block: vec![0; max_compress_len(BLOCK)],
             lens: Vec::new(),
             encoder: snap::raw::Encoder::new(),
         }
