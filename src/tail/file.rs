@@ -2,6 +2,7 @@
 //! growth, truncation, rotation and deletion.
 
 use std::os::unix::fs::MetadataExt;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -63,7 +64,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             reader = Some(r);
             match result {
                 Ok(Some(lines)) => {
-                    let sent = Box::pin(send(&file, &ctx, lines, &mut last_end)).await;
+                    let sent = send(&file, &ctx, lines, &mut last_end).await;
                     drop(permit);
                     if !sent {
                         break 'outer;
@@ -119,7 +120,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             && let Some(lines) = r.flush_partial()
         {
             partial_since = None;
-            if !Box::pin(send(&file, &ctx, lines, &mut last_end)).await {
+            if !send(&file, &ctx, lines, &mut last_end).await {
                 break;
             }
             continue;
@@ -144,7 +145,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             });
             if since.elapsed() >= ctx.rotate_wait {
                 if let Some(lines) = r.flush_partial() {
-                    Box::pin(send(&file, &ctx, lines, &mut last_end)).await;
+                    send(&file, &ctx, lines, &mut last_end).await;
                 }
                 break;
             }
@@ -172,9 +173,19 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
 /// Hands entries to the pipeline; false once the pipeline is gone. `last_end` is the position
 /// after the previous read; it becomes this read's end.
 ///
-/// Callers box this future: inline, its state would make every file's task twice as large
-/// (half of it never used while a file is idle, which with 1,000 files is a megabyte).
-async fn send(
+/// Boxed: inline, its state would make every file's task twice as large (half of it never used
+/// while a file is idle, which with 1,000 files is a megabyte).
+fn send<'a>(
+    file: &'a TrackedFile,
+    ctx: &'a Context,
+    lines: ReadLines,
+    last_end: &'a mut Position,
+) -> Pin<Box<impl Future<Output = bool> + 'a>> {
+    Box::pin(queue(file, ctx, lines, last_end))
+}
+
+/// [`send`], unboxed.
+async fn queue(
     file: &TrackedFile,
     ctx: &Context,
     lines: ReadLines,
