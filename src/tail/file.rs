@@ -129,10 +129,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
         // Rotation and deletion: is this file still at its path?
         let deleted = meta.nlink() == 0;
         file.deleted.store(deleted, Ordering::Relaxed);
-        let at_path = std::fs::metadata(file.path())
-            .map(|m| m.dev() == file.dev && m.ino() == file.ino)
-            .unwrap_or(false);
-        if at_path && !deleted {
+        if file.is_at(&file.path()) && !deleted {
             if rotated_since.take().is_some() {
                 file.set_state(FileState::Active);
             }

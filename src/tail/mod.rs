@@ -88,6 +88,11 @@ impl TrackedFile {
         self.state.store(s as u8, Ordering::Relaxed);
     }
 
+    /// Whether `path` names this file (it may have been renamed or deleted away since).
+    fn is_at(&self, path: &Path) -> bool {
+        std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino))
+    }
+
     /// Bytes on disk not yet acknowledged by Loki.
     pub fn lag(&self) -> u64 {
         self.size
@@ -363,15 +368,10 @@ impl Tailer {
                 // second name for the same file (a hard link, or a symlink the glob also
                 // matches) is not a rename: the file stays where it is.
                 let old = f.path();
-                let renamed = || {
-                    std::fs::metadata(&old)
-                        .map(|m| (m.dev(), m.ino()) != key)
-                        .unwrap_or(true)
-                };
                 if old != path
                     && f.state() != FileState::Closed
                     && !reg.by_path.contains_key(&path)
-                    && renamed()
+                    && !f.is_at(&old)
                 {
                     if reg
                         .by_path
