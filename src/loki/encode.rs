@@ -415,6 +415,7 @@ mod tests {
                 meta: Vec::new(),
                 meta_names: Vec::new().into(),
                 end: Position::default(),
+                caught_up: false,
             });
         }
         batch

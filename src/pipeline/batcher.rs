@@ -1,4 +1,5 @@
-//! Groups chunks into batches and hands them to the sink, flushing on size or age.
+//! Groups chunks into batches and hands them to the sink, flushing on size or age, or as soon as
+//! a file has caught up with a backlog.
 //!
 //! Backpressure lives here: a batch is handed over only with one of the sink's `max_in_flight`
 //! permits. While none is free the batcher stops receiving, its bounded channel fills, and the
@@ -31,8 +32,9 @@ impl Batcher {
             tokio::select! {
                 chunk = self.rx.recv() => match chunk {
                     Some(chunk) => {
+                        let caught_up = chunk.caught_up;
                         batch.push(chunk);
-                        if batch.line_bytes >= self.batch_bytes {
+                        if batch.line_bytes >= self.batch_bytes || caught_up {
                             self.flush(std::mem::take(&mut batch)).await;
                         }
                     }

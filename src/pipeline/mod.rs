@@ -168,6 +168,12 @@ pub struct Chunk {
     pub meta_names: Arc<[String]>,
     /// The file position after the last byte this chunk consumed.
     pub end: Position,
+    /// The chunk's file has just caught up with a backlog (see [`ReadLines::caught_up`]): its
+    /// batch goes now rather than waiting out `batch_wait`, which would only delay the end of a
+    /// burst. At most one early request per read buffer of input.
+    ///
+    /// [`ReadLines::caught_up`]: crate::tail::reader::ReadLines::caught_up
+    pub caught_up: bool,
 }
 
 impl Chunk {
@@ -205,6 +211,7 @@ impl Chunk {
             meta: self.meta.clone(),
             meta_names: self.meta_names.clone(),
             end: self.end,
+            caught_up: false,
         }
     }
 }

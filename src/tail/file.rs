@@ -230,9 +230,10 @@ async fn queue(
         meta,
         meta_names: file.meta_names.clone(),
         end,
+        caught_up: false,
     };
     let first_sub = entries.first().map_or(0, |e| e.sub as usize);
-    let chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
+    let mut chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
         vec![chunk(first_sub, entries, lines.meta, lines.end)]
     } else {
         // One chunk per stream. Only the last carries the new position: the file's committed
@@ -253,6 +254,9 @@ async fn queue(
         }
         parts
     };
+    if let (true, Some(last)) = (lines.caught_up, chunks.last_mut()) {
+        last.caught_up = true;
+    }
     *last_end = lines.end;
     for chunk in chunks {
         // At shutdown a chunk stuck behind a full pipeline is dropped unacknowledged: it is

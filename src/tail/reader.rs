@@ -34,6 +34,9 @@ pub struct ReadLines {
     /// Lines (records) consumed.
     pub records: u64,
     pub stats: FrameStats,
+    /// This read reached the end of a file that had a backlog (a read since it was last at its
+    /// end filled the whole buffer): a burst, a restart or an outage has just been read up.
+    pub caught_up: bool,
 }
 
 enum ReadStep {
@@ -62,6 +65,8 @@ pub struct FileReader {
     head_hash: u64,
     max_line: usize,
     buf_size: usize,
+    /// The last read filled the whole buffer and the file went on: it has a backlog.
+    behind: bool,
     /// `None` for raw sources without multiline, timestamps or metadata.
     framer: Option<Framer>,
 }
@@ -83,6 +88,7 @@ impl FileReader {
             head_hash: hash(&[]),
             max_line,
             buf_size,
+            behind: false,
             framer,
         };
         r.file.seek(SeekFrom::Start(start))?;
@@ -142,6 +148,7 @@ impl FileReader {
         self.tail.clear();
         self.set_head(Vec::new());
         self.discarding = false;
+        self.behind = false;
         if let Some(f) = &mut self.framer {
             f.reset();
         }
@@ -181,6 +188,7 @@ impl FileReader {
         if n == 0 {
             // Keep only the carried bytes: an idle file must not pin a whole read buffer.
             self.carry = data[..carried].to_vec();
+            self.behind = false;
             return Ok(ReadStep::Eof);
         }
         // A file truncated and rewritten past our offset (copytruncate) reads as plausible
@@ -198,8 +206,12 @@ impl FileReader {
             self.set_head(head);
         }
         self.read_at += n as u64;
+        // A short read met the end of the file; after a full one, its size tells.
+        let at_end = n < self.buf_size || self.file.metadata()?.len() <= self.read_at;
+        let caught_up = at_end && (self.behind || n == self.buf_size);
+        self.behind = !at_end;
         Ok(match self.split(data, false) {
-            Some(lines) => ReadStep::Lines(lines),
+            Some(lines) => ReadStep::Lines(ReadLines { caught_up, ..lines }),
             None => ReadStep::NothingComplete,
         })
     }
@@ -288,6 +300,7 @@ impl FileReader {
             bytes: consumed as u64,
             records,
             stats,
+            caught_up: false,
         })
     }
 
@@ -417,6 +430,34 @@ mod tests {
             b"partial"
         );
         assert_eq!(c.end.offset, 26);
+    }
+
+    /// The `caught_up` flag of every chunk read until the end of the file.
+    fn caught_up_flags(r: &mut FileReader) -> Vec<bool> {
+        std::iter::from_fn(|| r.read_chunk().unwrap())
+            .map(|c| c.caught_up)
+            .collect()
+    }
+
+    #[test]
+    fn only_the_read_that_ends_a_backlog_is_caught_up() {
+        // 10 lines of 10 bytes through a 32-byte buffer: three full reads, then a short one.
+        let lines: Vec<u8> = (0..10)
+            .flat_map(|n| format!("line {n:04}\n").into_bytes())
+            .collect();
+        let (mut f, mut r) = reader_over(&lines, 1000, 32);
+        assert_eq!(caught_up_flags(&mut r), [false, false, false, true]);
+        // A slow writer: reads shorter than the buffer are never a backlog.
+        for _ in 0..3 {
+            f.write_all(b"trickle\n").unwrap();
+            assert_eq!(caught_up_flags(&mut r), [false]);
+        }
+        // A burst of exactly one buffer is read in one full read that meets the end.
+        f.write_all(&lines[..32]).unwrap();
+        assert_eq!(caught_up_flags(&mut r), [true]);
+        // A full read that does not meet the end is not the end of the backlog.
+        f.write_all(&lines).unwrap();
+        assert_eq!(caught_up_flags(&mut r), [false, false, false, true]);
     }
 
     #[test]

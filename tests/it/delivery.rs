@@ -233,6 +233,48 @@ async fn a_30s_receiver_outage_loses_nothing_and_memory_stays_bounded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_sent_once_read_up_while_a_trickle_waits_for_the_batch_wait() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    // A batch wait far longer than the test: only the catch-up flush can deliver in time.
+    let config = env
+        .config(&rx.url(), "", "")
+        .replace("batch_wait = \"100ms\"", "batch_wait = \"1h\"");
+    let log = env.path("logs/app.log");
+    // 1.1 MB, more than one 1 MiB batch and several 256 KiB reads, there before ztail starts.
+    append_lines(&log, "b", 0..100_000);
+    let zt = Ztail::start(&env, &config);
+    let soon = Duration::from_secs(20);
+    assert!(
+        rx.wait_for(|e| e.len() >= 100_000, soon).await,
+        "the end of the backlog waited for the batch wait"
+    );
+    // A burst while running: read up, then sent.
+    append_lines(&log, "b", 100_000..150_000);
+    assert!(
+        rx.wait_for(|e| e.len() >= 150_000, soon).await,
+        "the end of a burst waited for the batch wait"
+    );
+    assert_eq!(
+        lines_by_file(&rx.entries())[&log.display().to_string()],
+        expected("b", 0..150_000)
+    );
+    // A few lines at a time are no backlog: they wait for their batch to fill or age.
+    append_lines(&log, "b", 150_000..150_010);
+    let deadline = Instant::now() + WAIT;
+    while zt.metric("ztail_lines_read_total").await < 150_010.0 {
+        assert!(Instant::now() < deadline, "ztail never read the lines");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rx.entries().len(),
+        150_000,
+        "a trickle was sent before its batch wait"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_and_a_restart_resumes_without_duplicates() {
     let env = Env::new();
     let rx = env.receiver(LOKI_ID).await;
