@@ -206,8 +206,10 @@ impl FileReader {
             self.set_head(head);
         }
         self.read_at += n as u64;
-        // A short read met the end of the file; after a full one, its size tells.
-        let at_end = n < self.buf_size || self.file.metadata()?.len() <= self.read_at;
+        // A short read met the end of the file; after a full one, its size tells. (Not `?`: the
+        // bytes are read, and an error now would skip them.)
+        let at_end =
+            n < self.buf_size || self.file.metadata().is_ok_and(|m| m.len() <= self.read_at);
         let caught_up = at_end && (self.behind || n == self.buf_size);
         self.behind = !at_end;
         Ok(match self.split(data, false) {
