@@ -170,7 +170,7 @@ pub struct Chunk {
     pub end: Position,
     /// The chunk's file has just caught up with a backlog (see [`ReadLines::caught_up`]): its
     /// batch goes now rather than waiting out `batch_wait`, which would only delay the end of a
-    /// burst. At most one early request per read buffer of input.
+    /// burst. At most two early requests per read buffer of input.
     ///
     /// [`ReadLines::caught_up`]: crate::tail::reader::ReadLines::caught_up
     pub caught_up: bool,

@@ -34,8 +34,10 @@ pub struct ReadLines {
     /// Lines (records) consumed.
     pub records: u64,
     pub stats: FrameStats,
-    /// This read reached the end of a file that had a backlog (a read since it was last at its
-    /// end filled the whole buffer): a burst, a restart or an outage has just been read up.
+    /// These lines end a backlog: the read reached the end of a file after a read that filled
+    /// the whole buffer (that one included), so a burst, a restart or an outage has just been
+    /// read up. Also set on the next lines out after such a read if it left bytes held back (an
+    /// unfinished line, an entry a framer keeps open), which are the backlog's real end.
     pub caught_up: bool,
 }
 
@@ -67,6 +69,8 @@ pub struct FileReader {
     buf_size: usize,
     /// The last read filled the whole buffer and the file went on: it has a backlog.
     behind: bool,
+    /// A backlog was read up with bytes held back: the next lines out are caught up too.
+    held_back: bool,
     /// `None` for raw sources without multiline, timestamps or metadata.
     framer: Option<Framer>,
 }
@@ -89,6 +93,7 @@ impl FileReader {
             max_line,
             buf_size,
             behind: false,
+            held_back: false,
             framer,
         };
         r.file.seek(SeekFrom::Start(start))?;
@@ -149,6 +154,7 @@ impl FileReader {
         self.set_head(Vec::new());
         self.discarding = false;
         self.behind = false;
+        self.held_back = false;
         if let Some(f) = &mut self.framer {
             f.reset();
         }
@@ -213,8 +219,18 @@ impl FileReader {
         let caught_up = at_end && (self.behind || n == self.buf_size);
         self.behind = !at_end;
         Ok(match self.split(data, false) {
-            Some(lines) => ReadStep::Lines(ReadLines { caught_up, ..lines }),
-            None => ReadStep::NothingComplete,
+            Some(lines) => {
+                let flagged = caught_up || std::mem::take(&mut self.held_back);
+                self.held_back = caught_up && self.has_partial();
+                ReadStep::Lines(ReadLines {
+                    caught_up: flagged,
+                    ..lines
+                })
+            }
+            None => {
+                self.held_back |= caught_up;
+                ReadStep::NothingComplete
+            }
         })
     }
 
@@ -225,7 +241,9 @@ impl FileReader {
             return None;
         }
         let data = std::mem::take(&mut self.carry);
+        let caught_up = std::mem::take(&mut self.held_back);
         self.split(data, true)
+            .map(|lines| ReadLines { caught_up, ..lines })
     }
 
     /// Splits `data` (which starts at `self.consumed`) into lines. With `all`, a final line
@@ -455,11 +473,35 @@ mod tests {
             assert_eq!(caught_up_flags(&mut r), [false]);
         }
         // A burst of exactly one buffer is read in one full read that meets the end.
-        f.write_all(&lines[..32]).unwrap();
+        f.write_all(b"line 0010\nline 0011\nline 000012\n").unwrap();
         assert_eq!(caught_up_flags(&mut r), [true]);
         // A full read that does not meet the end is not the end of the backlog.
         f.write_all(&lines).unwrap();
         assert_eq!(caught_up_flags(&mut r), [false, false, false, true]);
+    }
+
+    #[test]
+    fn a_backlog_ending_in_an_unfinished_line_flags_the_lines_that_end_it() {
+        // A full read of two lines, then a last read holding only an unfinished line: the
+        // flag waits for that line.
+        let (mut f, mut r) = reader_over(b"line 0000\nline 0001\nunfinished", 1000, 20);
+        assert_eq!(caught_up_flags(&mut r), [false]);
+        assert!(r.has_partial());
+        let end = r.flush_partial().unwrap();
+        assert!(end.caught_up, "the held-back end of the backlog");
+        // Once only: a slow writer's lines after that are not.
+        f.write_all(b"slow\n").unwrap();
+        assert_eq!(caught_up_flags(&mut r), [false]);
+
+        // A last read with a complete line and an unfinished one: both go early, once each.
+        f.write_all(b"line 0002\nline 0003\nline 0004\nunfi")
+            .unwrap();
+        assert_eq!(caught_up_flags(&mut r), [false, true]);
+        assert!(r.has_partial());
+        f.write_all(b"nished\n").unwrap();
+        assert_eq!(caught_up_flags(&mut r), [true]);
+        f.write_all(b"slow\n").unwrap();
+        assert_eq!(caught_up_flags(&mut r), [false]);
     }
 
     #[test]

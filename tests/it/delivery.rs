@@ -241,7 +241,8 @@ async fn a_backlog_is_sent_once_read_up_while_a_trickle_waits_for_the_batch_wait
         .config(&rx.url(), "", "")
         .replace("batch_wait = \"100ms\"", "batch_wait = \"1h\"");
     let log = env.path("logs/app.log");
-    // 1.1 MB, more than one 1 MiB batch and several 256 KiB reads, there before ztail starts.
+    // 1.1 MB there before ztail starts: several 256 KiB reads, and 1,000,000 bytes of lines, just
+    // under one 1 MiB batch, so only the catch-up flush sends any of it before the batch wait.
     append_lines(&log, "b", 0..100_000);
     let zt = Ztail::start(&env, &config);
     let soon = Duration::from_secs(20);
@@ -271,6 +272,37 @@ async fn a_backlog_is_sent_once_read_up_while_a_trickle_waits_for_the_batch_wait
         rx.entries().len(),
         150_000,
         "a trickle was sent before its batch wait"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_whose_last_multiline_entry_is_held_open_sends_it_after_the_group_timeout() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let source = "[sources.multiline]\nstart = '^rec '\ntimeout = \"1s\"\n";
+    let config = env
+        .config(&rx.url(), "", source)
+        .replace("batch_wait = \"100ms\"", "batch_wait = \"1h\"");
+    // 0.6 MB of two-line records. The framer keeps the last record open until its timeout,
+    // so the read that meets the end sends all but that one; the record follows on its own.
+    let log = env.path("logs/app.log");
+    let records: String = (0..20_000)
+        .map(|n| format!("rec {n:08}\n  detail {n:08}\n"))
+        .collect();
+    fs::write(&log, &records).unwrap();
+    let _zt = Ztail::start(&env, &config);
+    assert!(
+        rx.wait_for(|e| e.len() >= 20_000, Duration::from_secs(20))
+            .await,
+        "the held-back end of the backlog waited for the batch wait: {} of 20000",
+        rx.entries().len()
+    );
+    let want: Vec<String> = (0..20_000)
+        .map(|n| format!("rec {n:08}\n  detail {n:08}"))
+        .collect();
+    assert_eq!(
+        lines_by_file(&rx.entries())[&log.display().to_string()],
+        want
     );
 }
 
