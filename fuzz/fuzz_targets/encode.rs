@@ -80,6 +80,7 @@ fuzz_target!(|data: &[u8]| {
                 meta,
                 meta_names: names.clone(),
                 end: Position::default(),
+                caught_up: false,
             });
         }
     };
