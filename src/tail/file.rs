@@ -222,22 +222,22 @@ async fn queue(
         data.shrink_to_fit();
     }
     let data = bytes::Bytes::from(data);
-    let chunk = |sub: usize, entries: Vec<Entry>, meta: Vec<Meta>, end: Position| Chunk {
+    // Every chunk starts at the previous read's end; the last one is given this read's.
+    let chunk = |sub: usize, entries: Vec<Entry>, meta: Vec<Meta>| Chunk {
         stream: file.streams[sub].clone(),
         cursor: file.cursor.clone(),
         data: data.clone(),
         entries,
         meta,
         meta_names: file.meta_names.clone(),
-        end,
+        end: *last_end,
         caught_up: false,
     };
     let first_sub = entries.first().map_or(0, |e| e.sub as usize);
     let mut chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
-        vec![chunk(first_sub, entries, lines.meta, lines.end)]
+        vec![chunk(first_sub, entries, lines.meta)]
     } else {
-        // One chunk per stream. Only the last carries the new position: the file's committed
-        // position cannot pass this read until every one of them is acknowledged.
+        // One chunk per stream.
         let mut parts = Vec::with_capacity(subs);
         for sub in 0..subs {
             let part: Vec<Entry> = entries
@@ -246,16 +246,16 @@ async fn queue(
                 .copied()
                 .collect();
             if !part.is_empty() {
-                parts.push(chunk(sub, part, lines.meta.clone(), *last_end));
+                parts.push(chunk(sub, part, lines.meta.clone()));
             }
-        }
-        if let Some(last) = parts.last_mut() {
-            last.end = lines.end;
         }
         parts
     };
-    if let (true, Some(last)) = (lines.caught_up, chunks.last_mut()) {
-        last.caught_up = true;
+    // Only the last chunk carries the new position (the file's committed position cannot pass
+    // this read until every one of them is acknowledged) and whether the read ended a backlog.
+    if let Some(last) = chunks.last_mut() {
+        last.end = lines.end;
+        last.caught_up = lines.caught_up;
     }
     *last_end = lines.end;
     for chunk in chunks {
