@@ -244,7 +244,7 @@ async fn a_backlog_is_sent_once_read_up_while_a_trickle_waits_for_the_batch_wait
     // 1.1 MB there before ztail starts: several 256 KiB reads, and 1,000,000 bytes of lines, just
     // under one 1 MiB batch, so only the catch-up flush sends any of it before the batch wait.
     append_lines(&log, "b", 0..100_000);
-    let zt = Ztail::start(&env, &config);
+    let mut zt = Ztail::start(&env, &config);
     let soon = Duration::from_secs(20);
     assert!(
         rx.wait_for(|e| e.len() >= 100_000, soon).await,
@@ -260,18 +260,22 @@ async fn a_backlog_is_sent_once_read_up_while_a_trickle_waits_for_the_batch_wait
         lines_by_file(&rx.entries())[&log.display().to_string()],
         expected("b", 0..150_000)
     );
-    // A few lines at a time are no backlog: they wait for their batch to fill or age.
+    // A few lines at a time are no backlog: they wait for their batch to fill or age (or, here,
+    // for the shutdown flush).
     append_lines(&log, "b", 150_000..150_010);
-    let deadline = Instant::now() + WAIT;
-    while zt.metric("ztail_lines_read_total").await < 150_010.0 {
-        assert!(Instant::now() < deadline, "ztail never read the lines");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    zt.wait_read_to_end(&log).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         rx.entries().len(),
         150_000,
         "a trickle was sent before its batch wait"
+    );
+    let status = zt.terminate(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}\n{}", zt.log());
+    assert_eq!(
+        lines_by_file(&rx.entries())[&log.display().to_string()],
+        expected("b", 0..150_010),
+        "the trickle is kept until shutdown, then sent"
     );
 }
 
