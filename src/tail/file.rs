@@ -59,6 +59,8 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
                 Err(_) => break 'outer, // the runtime is shutting down
             };
             file.read_offset.store(r.read_offset(), Ordering::Relaxed);
+            // The lag is reported while a backlog is read, not only once it is read up.
+            file.size.store(r.size(), Ordering::Relaxed);
             file.note_head(r.fingerprint());
             let has_partial = r.has_partial();
             reader = Some(r);

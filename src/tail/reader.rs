@@ -67,6 +67,8 @@ pub struct FileReader {
     head_hash: u64,
     max_line: usize,
     buf_size: usize,
+    /// The file's size as of the last read: at least `read_at`.
+    size: u64,
     /// The last read filled the whole buffer and the file went on: it has a backlog.
     behind: bool,
     /// A backlog was read up with bytes held back: the next lines out are caught up too.
@@ -92,6 +94,7 @@ impl FileReader {
             head_hash: hash(&[]),
             max_line,
             buf_size,
+            size: start,
             behind: false,
             held_back: false,
             framer,
@@ -113,6 +116,11 @@ impl FileReader {
     /// Offset of the next unread byte.
     pub fn read_offset(&self) -> u64 {
         self.read_at
+    }
+
+    /// The file's size as of the last read: while a backlog is read, how much of it is left.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// The position after the last consumed byte.
@@ -149,6 +157,7 @@ impl FileReader {
         self.file.seek(SeekFrom::Start(0))?;
         self.read_at = 0;
         self.consumed = 0;
+        self.size = 0;
         self.carry.clear();
         self.tail.clear();
         self.set_head(Vec::new());
@@ -214,8 +223,12 @@ impl FileReader {
         self.read_at += n as u64;
         // A short read met the end of the file; after a full one, its size tells. (Not `?`: the
         // bytes are read, and an error now would skip them.)
-        let at_end =
-            n < self.buf_size || self.file.metadata().is_ok_and(|m| m.len() <= self.read_at);
+        self.size = if n < self.buf_size {
+            self.read_at
+        } else {
+            self.file.metadata().map_or(self.read_at, |m| m.len())
+        };
+        let at_end = self.size <= self.read_at;
         let caught_up = at_end && (self.behind || n == self.buf_size);
         self.behind = !at_end;
         Ok(match self.split(data, false) {
@@ -466,7 +479,9 @@ mod tests {
             .flat_map(|n| format!("line {n:04}\n").into_bytes())
             .collect();
         let (mut f, mut r) = reader_over(&lines, 1000, 32);
-        assert_eq!(caught_up_flags(&mut r), [false, false, false, true]);
+        r.read_chunk().unwrap();
+        assert_eq!(r.size(), 100, "a full read sees how much is left");
+        assert_eq!(caught_up_flags(&mut r), [false, false, true]);
         // A slow writer: reads shorter than the buffer are never a backlog.
         for _ in 0..3 {
             f.write_all(b"trickle\n").unwrap();
