@@ -3,11 +3,18 @@
 //!
 //! It is unauthenticated by design and therefore only ever bound to a loopback address
 //! (enforced at config load). It never shows key material.
+//!
+//! Any local user can connect, so it must not be a way to starve ztail of file descriptors or
+//! tasks: at most [`MAX_CONNECTIONS`] connections are served at once (more wait in the kernel's
+//! backlog, holding no descriptor of ztail's), each must send its request headers within
+//! [`HEADER_TIMEOUT`], gets one answer (no keep-alive) and is closed after [`CONNECTION_TIMEOUT`]
+//! whatever it does; accept errors (EMFILE) back off instead of spinning. A `Host` header must
+//! name loopback (an IP address or `localhost`), so a web page cannot reach it by DNS rebinding.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -21,6 +28,13 @@ use crate::loki::client::Sink;
 use crate::metrics::Metrics;
 use crate::pipeline::lock;
 use crate::tail::{FileStatus, Tailer};
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may last, whatever it does.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the admin endpoint reads from.
 pub struct Admin {
@@ -73,21 +87,42 @@ impl Admin {
         })?;
         let local = listener.local_addr()?;
         let this = Arc::new(self);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(10);
             loop {
-                let stream = tokio::select! {
-                    r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                // A slot first: while all are taken, new connections wait in the backlog.
+                let slot = tokio::select! {
+                    s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
                     _ = cancel.cancelled() => break,
                 };
+                let stream = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            // EMFILE and the like: retrying at once would spin a core.
+                            tracing::warn!(error = %e, retry_in = ?backoff, "admin endpoint cannot accept a connection");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                            continue;
+                        }
+                    },
+                    _ = cancel.cancelled() => break,
+                };
+                backoff = Duration::from_millis(10);
                 let this = this.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let svc = hyper::service::service_fn(move |req| {
                         let this = this.clone();
                         async move { Ok::<_, std::convert::Infallible>(this.handle(&req)) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
                 });
             }
         });
@@ -95,6 +130,16 @@ impl Admin {
     }
 
     fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        if let Some(host) = req.headers().get(hyper::header::HOST)
+            && !is_loopback_host(host.as_bytes())
+        {
+            return reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "the admin endpoint answers only to loopback names (127.0.0.1, [::1], localhost)\n"
+                    .into(),
+            );
+        }
         match req.uri().path() {
             "/metrics" => reply(
                 StatusCode::OK,
@@ -191,4 +236,51 @@ fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<By
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+/// Whether a `Host` header names loopback: an IP address (the listener is on loopback, so any
+/// address that reached it is one) or `localhost`, with or without a port.
+fn is_loopback_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_names_are_answered() {
+        for ok in [
+            "127.0.0.1:9311",
+            "127.0.0.1",
+            "localhost:9311",
+            "LOCALHOST",
+            "[::1]:9311",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "evil.example:9311",
+            "evil.example",
+            "localhost.evil.example",
+            "[evil]",
+            "",
+            "127.0.0.1.nip.io:80",
+        ] {
+            assert!(!is_loopback_host(bad.as_bytes()), "{bad}");
+        }
+    }
 }

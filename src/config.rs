@@ -121,6 +121,11 @@ pub struct SinkConfig {
     /// Attach ztail's own SPIFFE ID to every entry as structured metadata.
     pub provenance: bool,
     pub policy: PeerPolicy,
+    /// An HTTP(S) proxy for pushes (CONNECT; TLS stays end to end). Never from the environment.
+    pub proxy: Option<reqwest::Url>,
+    /// Accept TLS 1.2 as well as 1.3 (off by default: TLS 1.2 sends ztail's certificate, with
+    /// its SPIFFE ID, in the clear). Applies to every connection ztail makes.
+    pub allow_tls12: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +150,9 @@ pub struct SourceConfig {
     pub framing: Arc<Framing>,
     /// Labels captured from each file's path by the regex's named groups.
     pub path_labels: Option<regex::Regex>,
+    /// A symlink the globs match is followed only if its target matches them too or lies under
+    /// one of these directories (`/var/log/containers` links into `/var/log/pods`).
+    pub follow_symlinks_under: Vec<PathBuf>,
 }
 
 impl Config {
@@ -173,6 +181,18 @@ impl Config {
                 files.key.display(),
                 m & 0o777
             ));
+        }
+        let policy = &self.sink.policy;
+        if policy.ids().is_empty() && policy.path_prefixes().is_empty() {
+            out.push(format!(
+                "sink.peer allows any workload of trust domain(s) {:?} to act as Loki and receive every log line: name Loki with allowed_ids or allowed_path_prefixes",
+                policy.trust_domains().collect::<Vec<_>>()
+            ));
+        }
+        if let IdentityConfig::Spiffe(w) = &self.identity
+            && let Some(socket) = w.endpoint.strip_prefix("unix://")
+        {
+            out.extend(socket_warning(Path::new(socket)));
         }
         if let Some(m) = mode(&self.state_dir)
             && m & 0o022 != 0
@@ -327,6 +347,9 @@ struct RawSink {
     #[serde(default)]
     provenance: bool,
     peer: Option<RawPeer>,
+    proxy: Option<String>,
+    #[serde(default)]
+    allow_tls12: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -389,6 +412,8 @@ struct RawSource {
     metadata_fields: Vec<String>,
     #[serde(default = "default_max_future", with = "humantime_serde")]
     max_future: Duration,
+    #[serde(default)]
+    follow_symlinks_under: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -558,7 +583,51 @@ pub(crate) mod humantime_serde {
     }
 }
 
+/// Whether others could replace the Workload API socket with one of their own (which would
+/// hand ztail their SVID and trust bundle): its directory writable by its group or others, or
+/// the socket or its directory owned by someone other than root, the agent (the socket's owner)
+/// and ztail's user. The socket's own mode does not matter: every workload must connect to it.
+fn socket_warning(socket: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = socket.parent()?;
+    let dir_meta = std::fs::metadata(dir).ok()?;
+    let agent = std::fs::symlink_metadata(socket).ok().map(|m| m.uid());
+    let me = rustix::process::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me || Some(uid) == agent;
+    if dir_meta.mode() & 0o022 != 0 {
+        return Some(format!(
+            "the Workload API socket's directory {} is writable by its group or others (mode {:o}): they could replace the socket and hand ztail an identity and trust bundle of their own (chmod go-w)",
+            dir.display(),
+            dir_meta.mode() & 0o777
+        ));
+    }
+    if !trusted(dir_meta.uid()) {
+        return Some(format!(
+            "the Workload API socket's directory {} belongs to uid {}, neither root, the agent nor ztail's user: that user could replace the socket",
+            dir.display(),
+            dir_meta.uid()
+        ));
+    }
+    None
+}
+
 // ---- validation ----
+
+/// A URL as it may be printed: any `user:password@` replaced by `***@`.
+fn without_userinfo(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let host_start = url[scheme_end + 3..]
+                .find('/')
+                .map_or(url.len(), |i| i + scheme_end + 3);
+            if at < host_start {
+                return format!("{}***{}", &url[..scheme_end + 3], &url[at..]);
+            }
+            url.to_owned()
+        }
+        _ => url.to_owned(),
+    }
+}
 
 struct Validator<'a> {
     file: &'a Path,
@@ -632,12 +701,9 @@ impl Validator<'_> {
                         )
                     })?,
                 };
-                let endpoint = self.workload_endpoint(&endpoint).ok_or_else(|| {
-                    self.err(
-                        "identity.socket",
-                        format!("invalid Workload API address {endpoint:?}: expected unix:///absolute/path.sock, unix:relative/path.sock (relative to this file) or tcp://ip:port"),
-                    )
-                })?;
+                let endpoint = self
+                    .workload_endpoint(&endpoint)
+                    .map_err(|reason| self.err("identity.socket", reason))?;
                 if hint.as_deref() == Some("") {
                     return Err(self.err(
                         "identity.hint",
@@ -709,8 +775,48 @@ impl Validator<'_> {
     }
 
     fn sink(&self, raw: RawSink) -> Result<SinkConfig, ConfigError> {
-        let url = reqwest::Url::parse(&raw.url)
-            .map_err(|e| self.err("sink.url", format!("invalid URL {:?}: {e}", raw.url)))?;
+        let url = reqwest::Url::parse(&raw.url).map_err(|e| {
+            self.err(
+                "sink.url",
+                format!("invalid URL {:?}: {e}", without_userinfo(&raw.url)),
+            )
+        })?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.err(
+                "sink.url",
+                format!(
+                    "{:?} carries a user name or password: ztail authenticates to Loki with its SPIFFE identity over mutual TLS, never with a password in a URL; remove it (and change the password, it was in a config file)",
+                    without_userinfo(&raw.url)
+                ),
+            ));
+        }
+        let proxy = match &raw.proxy {
+            None => None,
+            Some(p) => {
+                let proxy = reqwest::Url::parse(p).map_err(|e| {
+                    self.err(
+                        "sink.proxy",
+                        format!("invalid URL {:?}: {e}", without_userinfo(p)),
+                    )
+                })?;
+                if !matches!(proxy.scheme(), "http" | "https") || proxy.host().is_none() {
+                    return Err(self.err(
+                        "sink.proxy",
+                        format!(
+                            "{:?} is not an http:// or https:// proxy address",
+                            without_userinfo(p)
+                        ),
+                    ));
+                }
+                if !proxy.username().is_empty() || proxy.password().is_some() {
+                    return Err(self.err(
+                        "sink.proxy",
+                        "a user name or password in the proxy URL is not supported (it would be printed and kept in memory as text); use a proxy that admits ztail's host",
+                    ));
+                }
+                Some(proxy)
+            }
+        };
         if url.scheme() != "https" {
             return Err(self.err(
                 "sink.url",
@@ -771,6 +877,8 @@ impl Validator<'_> {
             shutdown_timeout: raw.shutdown_timeout,
             provenance: raw.provenance,
             policy,
+            proxy,
+            allow_tls12: raw.allow_tls12,
         })
     }
 
@@ -1005,25 +1113,44 @@ impl Validator<'_> {
             rotate_wait: s.rotate_wait,
             framing: Arc::new(framing),
             path_labels,
+            follow_symlinks_under: s
+                .follow_symlinks_under
+                .iter()
+                .map(|root| self.path(root))
+                .collect(),
         })
     }
 
     /// A Workload API address in the `unix:///abs` or `tcp://ip:port` form the spiffe crate
-    /// takes; `unix:relative/path` is resolved against the config file's directory.
-    fn workload_endpoint(&self, endpoint: &str) -> Option<String> {
+    /// takes; `unix:relative/path` is resolved against the config file's directory. TCP is
+    /// taken on loopback only: the Workload API is plaintext gRPC, so over a network the SVID's
+    /// private key would cross it in the clear, and whoever answered could hand ztail a trust
+    /// bundle of its own and then pose as Loki.
+    fn workload_endpoint(&self, endpoint: &str) -> Result<String, String> {
+        let invalid = || {
+            format!(
+                "invalid Workload API address {endpoint:?}: expected unix:///absolute/path.sock, unix:relative/path.sock (relative to this file) or tcp://127.0.0.1:port"
+            )
+        };
         if let Some(rest) = endpoint.strip_prefix("tcp://") {
-            return rest
+            let addr = rest
                 .parse::<std::net::SocketAddr>()
-                .is_ok()
-                .then(|| endpoint.to_owned());
+                .map_err(|_| invalid())?;
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "{endpoint:?} is not on loopback: the Workload API is plaintext gRPC, so ztail's private key and trust bundle would cross the network in the clear and whoever answers could hand ztail a bundle of its own; use the SPIRE agent's unix socket (mount it into the container) or tcp://127.0.0.1:port"
+                ));
+            }
+            return Ok(endpoint.to_owned());
         }
         let path = endpoint
             .strip_prefix("unix://")
-            .or_else(|| endpoint.strip_prefix("unix:"))?;
+            .or_else(|| endpoint.strip_prefix("unix:"))
+            .ok_or_else(invalid)?;
         if path.is_empty() || (endpoint.starts_with("unix://") && !path.starts_with('/')) {
-            return None;
+            return Err(invalid());
         }
-        Some(format!("unix://{}", self.path(Path::new(path)).display()))
+        Ok(format!("unix://{}", self.path(Path::new(path)).display()))
     }
 
     fn positive(&self, key: &str, d: Duration) -> Result<Duration, ConfigError> {
@@ -1241,6 +1368,53 @@ labels = { job = "app" }
             let e = endpoint(bad).expect_err(bad);
             assert!(e.contains("identity.socket"), "{e}");
         }
+        assert_eq!(endpoint("tcp://[::1]:8081").unwrap(), "tcp://[::1]:8081");
+        // Plaintext gRPC carrying the private key: never off the host.
+        for remote in ["tcp://10.0.0.5:8081", "tcp://0.0.0.0:8081"] {
+            let e = endpoint(remote).expect_err(remote);
+            assert!(
+                e.contains("identity.socket") && e.contains("not on loopback"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_password_in_a_url_is_refused_and_never_printed() {
+        for (text, key) in [
+            (GOOD.replace("https://", "https://user:s3cr3t@"), "sink.url"),
+            (
+                GOOD.replace(
+                    "[sink]\n",
+                    "[sink]\nproxy = \"http://user:s3cr3t@proxy:3128\"\n",
+                ),
+                "sink.proxy",
+            ),
+        ] {
+            let msg = error_of(&text);
+            assert!(msg.contains(&format!(": {key}: ")), "{msg}");
+            assert!(!msg.contains("s3cr3t"), "the password is printed: {msg}");
+        }
+        let msg = error_of(&GOOD.replace("https://", "https://user:s3cr3t@:bad"));
+        assert!(!msg.contains("s3cr3t"), "the password is printed: {msg}");
+    }
+
+    #[test]
+    fn the_proxy_and_tls12_are_off_unless_configured() {
+        let c = parse(GOOD).unwrap();
+        assert!(c.sink.proxy.is_none() && !c.sink.allow_tls12);
+        let c = parse(&GOOD.replace(
+            "[sink]\n",
+            "[sink]\nproxy = \"http://proxy.internal:3128\"\nallow_tls12 = true\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.sink.proxy.unwrap().as_str(),
+            "http://proxy.internal:3128/"
+        );
+        assert!(c.sink.allow_tls12);
+        let msg = error_of(&GOOD.replace("[sink]\n", "[sink]\nproxy = \"socks5://p:1\"\n"));
+        assert!(msg.contains(": sink.proxy: "), "{msg}");
     }
 
     #[test]

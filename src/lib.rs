@@ -45,6 +45,16 @@ pub fn release_idle_memory() {
 /// Runs ztail until `shutdown` is cancelled, then stops reading, flushes what is in flight
 /// within `sink.shutdown_timeout` and writes the final checkpoints.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if !identity::install_tls_provider(config.sink.allow_tls12) {
+        tracing::warn!(
+            "a TLS provider was installed before ztail's: sink.allow_tls12 may not apply"
+        );
+    }
+    if config.sink.allow_tls12 {
+        tracing::warn!(
+            "sink.allow_tls12 is set: TLS 1.2 sends ztail's certificate, and with it its SPIFFE ID, in the clear"
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let state_dir = StateDir::open(&config.state_dir)?;
     let background = CancellationToken::new();

@@ -4,42 +4,79 @@
 //! touches the registry. Metric names are part of the operator contract: change them only with a
 //! note in the README.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// A label value, escaped as the Prometheus text format requires (`\\`, `"` and line feeds;
+/// prometheus-client writes values as they are). Some values are chosen by others: a file's
+/// name by whoever can create files in a watched directory. Unescaped, a name such as
+/// `x"} 1⏎ztail_fake_total 0⏎#.log` would end the series and print one of its own, forging or
+/// hiding ztail's alerts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LabelValue(pub String);
+
+impl From<&str> for LabelValue {
+    fn from(s: &str) -> Self {
+        LabelValue(s.to_owned())
+    }
+}
+
+impl From<String> for LabelValue {
+    fn from(s: String) -> Self {
+        LabelValue(s)
+    }
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        let mut rest = self.0.as_str();
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..i])?;
+            encoder.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    pub reason: String,
+    pub reason: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
-    pub status: String,
+    pub status: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
-    pub kind: String,
+    pub kind: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabel {
-    pub probe: String,
+    pub probe: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeKindLabel {
-    pub probe: String,
-    pub kind: String,
+    pub probe: LabelValue,
+    pub kind: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabel {
-    pub path: String,
+    pub path: LabelValue,
 }
 
 /// All of ztail's metrics.
@@ -52,6 +89,8 @@ pub struct Metrics {
     pub timestamp_fallbacks: Counter,
     pub timestamps_clamped: Counter,
     pub file_truncations: Counter,
+    pub rotated_files_found: Counter,
+    pub files_skipped: Family<ReasonLabel, Counter>,
     pub entries_sent: Counter,
     pub bytes_sent: Counter,
     pub push_requests: Family<StatusLabel, Counter>,
@@ -84,6 +123,8 @@ impl Metrics {
             timestamp_fallbacks: Counter::default(),
             timestamps_clamped: Counter::default(),
             file_truncations: Counter::default(),
+            rotated_files_found: Counter::default(),
+            files_skipped: Family::default(),
             entries_sent: Counter::default(),
             bytes_sent: Counter::default(),
             push_requests: Family::default(),
@@ -134,6 +175,16 @@ impl Metrics {
             "file_truncations",
             "Files found truncated (copytruncate) and re-read from offset 0",
             m.file_truncations.clone(),
+        );
+        registry.register(
+            "rotated_files_found",
+            "Files rotated away from their path (also outside the globs) before they were drained, found again at start by inode and fingerprint and drained",
+            m.rotated_files_found.clone(),
+        );
+        registry.register(
+            "files_skipped",
+            "Paths matching a glob that are not read, by reason (each counted once)",
+            m.files_skipped.clone(),
         );
         registry.register(
             "entries_sent",
@@ -233,7 +284,7 @@ impl Metrics {
     pub fn peer_refused(&self, reason: &str) {
         self.peer_refusals
             .get_or_create(&ReasonLabel {
-                reason: reason.to_owned(),
+                reason: reason.into(),
             })
             .inc();
     }
@@ -248,7 +299,7 @@ impl Metrics {
         error: Option<&str>,
     ) {
         let label = ProbeLabel {
-            probe: probe.to_owned(),
+            probe: probe.into(),
         };
         self.probe_up.get_or_create(&label).set(ok as i64);
         self.probe_latency
@@ -260,8 +311,8 @@ impl Metrics {
         if let Some(kind) = error {
             self.probe_failures
                 .get_or_create(&ProbeKindLabel {
-                    probe: probe.to_owned(),
-                    kind: kind.to_owned(),
+                    probe: probe.into(),
+                    kind: kind.into(),
                 })
                 .inc();
         }
@@ -270,9 +321,7 @@ impl Metrics {
     /// A Workload API error or reconnect of this kind.
     pub fn workload_api_error(&self, kind: &str) {
         self.workload_api_errors
-            .get_or_create(&KindLabel {
-                kind: kind.to_owned(),
-            })
+            .get_or_create(&KindLabel { kind: kind.into() })
             .inc();
     }
 
@@ -293,7 +342,7 @@ impl Metrics {
     pub fn dropped(&self, reason: &str, entries: u64) {
         self.dropped_entries
             .get_or_create(&ReasonLabel {
-                reason: reason.to_owned(),
+                reason: reason.into(),
             })
             .inc_by(entries);
     }
@@ -302,7 +351,7 @@ impl Metrics {
     pub fn push_finished(&self, status: &str) {
         self.push_requests
             .get_or_create(&StatusLabel {
-                status: status.to_owned(),
+                status: status.into(),
             })
             .inc();
     }

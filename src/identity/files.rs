@@ -19,13 +19,15 @@ use anyhow::{Context, anyhow, bail};
 use rustls::ClientConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::PeerPolicy;
 use super::spiffe_id::SpiffeId;
-use super::verifier::{SpiffeServerVerifier, describe_chain_error, svid_info, system_time};
+use super::verifier::{
+    BundleCa, SpiffeServerVerifier, describe_chain_error, svid_info, system_time,
+};
 use super::{Identity, IdentityWatch};
 use crate::metrics::Metrics;
 
@@ -193,11 +195,11 @@ fn load_set(
 fn client_config(
     chain: &[CertificateDer<'static>],
     key: PrivateKeyDer<'static>,
-    bundles: &HashMap<String, Vec<TrustAnchor<'static>>>,
+    bundles: &HashMap<String, Vec<BundleCa>>,
     policy: &PeerPolicy,
     metrics: &Arc<Metrics>,
 ) -> Result<ClientConfig, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = super::tls_provider();
     let verifier = SpiffeServerVerifier::new(
         bundles.clone(),
         policy.clone(),
@@ -271,7 +273,7 @@ fn parse_key(pem: &[u8], path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> 
     })
 }
 
-fn parse_bundle(pem: &[u8], path: &Path) -> anyhow::Result<Vec<TrustAnchor<'static>>> {
+fn parse_bundle(pem: &[u8], path: &Path) -> anyhow::Result<Vec<BundleCa>> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
@@ -292,16 +294,14 @@ fn parse_bundle(pem: &[u8], path: &Path) -> anyhow::Result<Vec<TrustAnchor<'stat
         .iter()
         .enumerate()
         .map(|(i, der)| {
-            webpki::anchor_from_trusted_cert(der)
-                .map(|anchor| anchor.to_owned())
-                .map_err(|e| {
-                    anyhow!(
-                        "certificate #{} in trust bundle file {} cannot be a trust anchor: {}",
-                        i + 1,
-                        path.display(),
-                        describe_chain_error(&e)
-                    )
-                })
+            BundleCa::from_der(der).map_err(|e| {
+                anyhow!(
+                    "certificate #{} in trust bundle file {} cannot be a trust anchor: {}",
+                    i + 1,
+                    path.display(),
+                    describe_chain_error(&e)
+                )
+            })
         })
         .collect()
 }
@@ -340,7 +340,7 @@ fn check_key_matches(
 
 fn verify_own_chain(
     chain: &[CertificateDer<'static>],
-    anchors: &[TrustAnchor<'static>],
+    cas: &[BundleCa],
     provider: &CryptoProvider,
     now: SystemTime,
     cfg: &FilesConfig,
@@ -357,9 +357,17 @@ fn verify_own_chain(
             describe_chain_error(&e)
         )
     })?;
+    let anchors = super::verifier::valid_anchors(cas, now);
+    if anchors.is_empty() {
+        bail!(
+            "every CA in the trust bundle {} has expired (or is not valid yet); write the current bundle of trust domain {:?}",
+            cfg.bundle.display(),
+            id.trust_domain()
+        );
+    }
     let result = leaf.verify_for_usage(
         provider.signature_verification_algorithms.all,
-        anchors,
+        &anchors,
         &chain[1..],
         now,
         webpki::KeyUsage::client_auth(),

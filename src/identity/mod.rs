@@ -65,6 +65,35 @@ impl fmt::Debug for Identity {
     }
 }
 
+/// The crypto provider of every TLS connection ztail makes: ring, with TLS 1.3's cipher suites
+/// only, unless `allow_tls12`. TLS 1.2 sends certificates in the clear, so ztail's SVID (its
+/// SPIFFE ID) would be readable by anyone on the path; Loki, VictoriaLogs, Envoy and nginx all
+/// speak TLS 1.3. Installed as the process default because spiffe-rustls builds its configs
+/// from the default provider; the files source and the probes take it from [`tls_provider`].
+/// Returns false if another provider was installed first (it is then left as it is).
+pub fn install_tls_provider(allow_tls12: bool) -> bool {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !allow_tls12 {
+        provider
+            .cipher_suites
+            .retain(|suite| suite.version() == &rustls::version::TLS13);
+    }
+    rustls::crypto::CryptoProvider::install_default(provider).is_ok()
+}
+
+/// The installed provider (see [`install_tls_provider`]), or TLS 1.3 only if none was.
+pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            provider
+                .cipher_suites
+                .retain(|suite| suite.version() == &rustls::version::TLS13);
+            Arc::new(provider)
+        })
+}
+
 /// Latest identity; `None` while ztail has none (not ready). A new value means: rebuild the HTTP
 /// client.
 pub type IdentityWatch = tokio::sync::watch::Receiver<Option<Arc<Identity>>>;

@@ -24,13 +24,76 @@ use super::policy::{PeerPolicy, Refusal};
 use super::spiffe_id::SpiffeId;
 use crate::metrics::Metrics;
 
+/// A CA of a trust bundle: the anchor webpki verifies with, and the validity webpki ignores
+/// in anchors (go-spiffe's verifier refuses a chain to an expired CA; so does ztail's).
+#[derive(Clone, Debug)]
+pub struct BundleCa {
+    pub anchor: TrustAnchor<'static>,
+    /// Validity, in Unix seconds.
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+impl BundleCa {
+    pub fn from_der(der: &CertificateDer<'_>) -> Result<BundleCa, webpki::Error> {
+        let anchor = webpki::anchor_from_trusted_cert(der)?.to_owned();
+        let (not_before, not_after) = x509_parser::parse_x509_certificate(der)
+            .map(|(_, cert)| {
+                let v = cert.validity();
+                (
+                    v.not_before.timestamp().max(0) as u64,
+                    v.not_after.timestamp().max(0) as u64,
+                )
+            })
+            .map_err(|_| webpki::Error::BadDer)?;
+        Ok(BundleCa {
+            anchor,
+            not_before,
+            not_after,
+        })
+    }
+
+    pub fn is_valid_at(&self, now: UnixTime) -> bool {
+        (self.not_before..=self.not_after).contains(&now.as_secs())
+    }
+}
+
+/// The anchors of `cas` valid at `now`.
+pub fn valid_anchors(cas: &[BundleCa], now: UnixTime) -> Vec<TrustAnchor<'static>> {
+    cas.iter()
+        .filter(|ca| ca.is_valid_at(now))
+        .map(|ca| ca.anchor.clone())
+        .collect()
+}
+
+/// What is wrong with a certificate used as an intermediate CA, if anything: an X509-SVID
+/// signing certificate must be a CA (basicConstraints CA=true) allowed to sign certificates
+/// (keyUsage keyCertSign). webpki checks the first and not the second.
+fn intermediate_problem(der: &CertificateDer<'_>) -> Option<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Some("an intermediate certificate does not parse".to_owned());
+    };
+    let subject = cert.subject().to_string();
+    if !cert.is_ca() {
+        return Some(format!(
+            "intermediate {subject:?} is not a CA (basicConstraints CA=true missing)"
+        ));
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if ku.value.key_cert_sign() => None,
+        _ => Some(format!(
+            "intermediate CA {subject:?} may not sign certificates (keyUsage keyCertSign missing)"
+        )),
+    }
+}
+
 /// Verifies that the TLS server is a Loki allowed by the peer policy.
 ///
 /// Every refusal is logged with the peer's SPIFFE ID, counted in `peer_refusals{reason}` and
 /// fails the handshake with `rustls::Error::InvalidCertificate(CertificateError::Other(..))`
 /// wrapping the [`Refusal`] (see [`Refusal::find_in`]), before any HTTP byte is sent.
 pub struct SpiffeServerVerifier {
-    bundles: HashMap<String, Vec<TrustAnchor<'static>>>,
+    bundles: HashMap<String, Vec<BundleCa>>,
     policy: PeerPolicy,
     metrics: Arc<Metrics>,
     algorithms: WebPkiSupportedAlgorithms,
@@ -40,7 +103,7 @@ impl SpiffeServerVerifier {
     /// `bundles` maps a bare trust domain name (`example.org`) to the CAs of that trust domain.
     /// Signature algorithms come from `provider` (ztail uses ring throughout).
     pub fn new(
-        bundles: HashMap<String, Vec<TrustAnchor<'static>>>,
+        bundles: HashMap<String, Vec<BundleCa>>,
         policy: PeerPolicy,
         metrics: Arc<Metrics>,
         provider: &CryptoProvider,
@@ -67,11 +130,20 @@ impl SpiffeServerVerifier {
         if !self.policy.allows_trust_domain(id.trust_domain()) {
             return Err(refuse(Refusal::TrustDomainNotAllowed { id: id.clone() }));
         }
-        let Some(anchors) = self.bundles.get(id.trust_domain()) else {
+        let Some(cas) = self.bundles.get(id.trust_domain()) else {
             return Err(refuse(Refusal::NoBundle {
                 trust_domain: id.trust_domain().to_owned(),
             }));
         };
+        let anchors = valid_anchors(cas, now);
+        if anchors.is_empty() {
+            return Err(refuse(Refusal::UntrustedChain {
+                reason: format!(
+                    "{id}: every CA in the bundle of trust domain {:?} has expired (or is not valid yet)",
+                    id.trust_domain()
+                ),
+            }));
+        }
         let leaf = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
             refuse(Refusal::InvalidSvid {
                 reason: format!("not a valid certificate: {}", describe_chain_error(&e)),
@@ -79,7 +151,7 @@ impl SpiffeServerVerifier {
         })?;
         leaf.verify_for_usage(
             self.algorithms.all,
-            anchors,
+            &anchors,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
@@ -95,6 +167,11 @@ impl SpiffeServerVerifier {
                 },
             })
         })?;
+        if let Some(reason) = intermediates.iter().find_map(intermediate_problem) {
+            return Err(refuse(Refusal::UntrustedChain {
+                reason: format!("{id}: {reason}"),
+            }));
+        }
         self.policy.check(&id).map_err(refuse)?;
         Ok(id)
     }
@@ -325,9 +402,7 @@ mod tests {
 
     fn verifier(ca: &Ca, policy: PeerPolicy, metrics: &Arc<Metrics>) -> SpiffeServerVerifier {
         let ca_der = CertificateDer::from(ca.cert_der.clone());
-        let anchor = webpki::anchor_from_trusted_cert(&ca_der)
-            .unwrap()
-            .to_owned();
+        let anchor = BundleCa::from_der(&ca_der).unwrap();
         SpiffeServerVerifier::new(
             HashMap::from([(ca.trust_domain.clone(), vec![anchor])]),
             policy,
@@ -374,7 +449,7 @@ mod tests {
         metrics
             .peer_refusals
             .get_or_create(&ReasonLabel {
-                reason: reason.to_owned(),
+                reason: reason.into(),
             })
             .get()
     }
@@ -551,5 +626,59 @@ mod tests {
         assert!(err.contains("not a valid SPIFFE ID"), "{err}");
         let err = svid_info(b"not a certificate").unwrap_err();
         assert!(err.contains("not a parsable X.509 certificate"), "{err}");
+    }
+
+    const LOKI: &str = "spiffe://example.org/loki";
+
+    fn chain_server_config(leaf: &Leaf, intermediate: &Ca) -> Arc<ServerConfig> {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der.clone()));
+        let chain = vec![
+            CertificateDer::from(leaf.cert_der.clone()),
+            CertificateDer::from(intermediate.cert_der.clone()),
+        ];
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        Arc::new(config)
+    }
+
+    /// An X509-SVID signing certificate must carry keyCertSign; webpki does not check it,
+    /// go-spiffe does, and so must ztail.
+    #[tokio::test]
+    async fn an_intermediate_that_may_not_sign_certificates_is_refused() {
+        let root = Ca::new("example.org");
+        let metrics = Arc::new(Metrics::new());
+        for (key_cert_sign, accepted) in [(true, true), (false, false)] {
+            let sub = root.intermediate(key_cert_sign);
+            let leaf = sub.issue(LOKI);
+            let client = client_config(verifier(&root, policy_ids(&[LOKI]), &metrics));
+            let result = handshake(client, chain_server_config(&leaf, &sub)).await;
+            match (accepted, result) {
+                (true, Ok(())) => {}
+                (false, Err(Refusal::UntrustedChain { reason })) => {
+                    assert!(reason.contains("keyCertSign"), "{reason}");
+                }
+                (_, other) => panic!("keyCertSign {key_cert_sign}: {other:?}"),
+            }
+        }
+    }
+
+    /// webpki ignores a trust anchor's validity; a bundle CA that has expired vouches for
+    /// nothing.
+    #[tokio::test]
+    async fn a_chain_to_an_expired_bundle_ca_is_refused() {
+        let ca = Ca::new_expired("example.org");
+        let leaf = ca.issue(LOKI);
+        let metrics = Arc::new(Metrics::new());
+        let client = client_config(verifier(&ca, policy_ids(&[LOKI]), &metrics));
+        match handshake(client, server_config(&leaf, &rustls::version::TLS13)).await {
+            Err(Refusal::UntrustedChain { reason }) => {
+                assert!(reason.contains("expired"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

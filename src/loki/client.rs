@@ -1,8 +1,13 @@
 //! Sends batches to Loki and acts on the answer (design §4):
 //! 2xx ⇒ acknowledge; 429, 5xx, other 4xx and transport or TLS errors ⇒ retry the same bytes with
 //! jittered exponential backoff, honouring `Retry-After`, for as long as it takes (the data is on
-//! disk); 400 ⇒ Loki stored the valid part: log its reason, count the drops, acknowledge;
-//! 413 ⇒ split and resend.
+//! disk); a 400 that carries Loki's per-stream validation errors ⇒ Loki stored the valid part:
+//! log its reason, count the drops, acknowledge; any other 400 (a body Loki could not decode, a
+//! proxy's error page) ⇒ nothing was stored: retried like a 5xx; 413 ⇒ split and resend.
+//! Redirects are never followed: a 3xx is a failed push, not an acknowledgement (following one
+//! would turn the POST into a body-less GET whose 200 proves nothing was stored).
+//!
+//! No proxy is taken from the environment (`HTTPS_PROXY`, `ALL_PROXY`): only `sink.proxy`.
 //!
 //! The HTTP client is rebuilt whenever the identity changes, so no pooled connection outlives
 //! the SVID (or trust bundle) it was established with.
@@ -36,6 +41,7 @@ pub struct SinkSettings {
     pub min_backoff: Duration,
     pub max_backoff: Duration,
     pub provenance: bool,
+    pub proxy: Option<reqwest::Url>,
 }
 
 impl From<&SinkConfig> for SinkSettings {
@@ -48,6 +54,7 @@ impl From<&SinkConfig> for SinkSettings {
             min_backoff: c.min_backoff,
             max_backoff: c.max_backoff,
             provenance: c.provenance,
+            proxy: c.proxy.clone(),
         }
     }
 }
@@ -296,9 +303,14 @@ impl Sink {
                                 .and_then(|v| v.to_str().ok())
                                 .and_then(|v| v.trim().parse::<u64>().ok())
                                 .map(Duration::from_secs);
+                            let resp_location = resp
+                                .headers()
+                                .get(reqwest::header::LOCATION)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
                             let text = resp.text().await.unwrap_or_default();
                             match status {
-                                StatusCode::BAD_REQUEST => {
+                                StatusCode::BAD_REQUEST if is_validation_answer(&text) => {
                                     self.state.succeeded();
                                     let (reason, entries) = refusal_of(&text);
                                     tracing::warn!(
@@ -311,8 +323,19 @@ impl Sink {
                                 }
                                 StatusCode::PAYLOAD_TOO_LARGE => return Outcome::TooLarge,
                                 _ => {
-                                    let msg =
-                                        format!("Loki answered {status}: {}", first_line(&text));
+                                    let msg = match status {
+                                        StatusCode::BAD_REQUEST => format!(
+                                            "Loki answered 400 without per-stream validation errors, so nothing was stored (a body it could not decode, or a proxy's answer): {}",
+                                            first_line(&text)
+                                        ),
+                                        s if s.is_redirection() => format!(
+                                            "Loki answered {status} (a redirect, to {:?}): redirects are never followed, point sink.url at the push endpoint itself",
+                                            resp_location.as_deref().unwrap_or("nowhere")
+                                        ),
+                                        _ => {
+                                            format!("Loki answered {status}: {}", first_line(&text))
+                                        }
+                                    };
                                     tracing::warn!(attempt, "{msg}; retrying");
                                     self.state.failed(msg);
                                 }
@@ -362,13 +385,18 @@ impl Sink {
         {
             return Ok(client.clone());
         }
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .tls_backend_preconfigured((*id.client_config).clone())
             .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(self.settings.timeout)
             .connect_timeout(self.settings.timeout)
-            .user_agent(USER_AGENT)
-            .build()?;
+            .user_agent(USER_AGENT);
+        let builder = match &self.settings.proxy {
+            Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy.clone())?),
+            None => builder.no_proxy(),
+        };
+        let client = builder.build()?;
         *slot = Some((id.clone(), client.clone()));
         Ok(client)
     }
@@ -379,6 +407,28 @@ pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
     let base = min.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let jittered = base + base.mul_f64(fastrand::f64());
     jittered.min(max)
+}
+
+/// Whether a 400's body is Loki's answer to per-stream validation (it stored the valid part)
+/// rather than a refusal of the whole request. Loki's validation errors name the stream they
+/// refused ("entry for stream '{...}' has timestamp too old", "stream '{...}' has label name too
+/// long", "Max entry size ... for stream '{...}'") or end in "total ignored: N out of M"; a body
+/// that did not decode, a missing header or a proxy's HTML page names no stream.
+fn is_validation_answer(body: &str) -> bool {
+    !body.trim_start().starts_with('<') && body.lines().any(is_validation_line)
+}
+
+/// One of Loki's per-stream validation errors (or its "total ignored" summary).
+fn is_validation_line(line: &str) -> bool {
+    const MARKS: [&str; 5] = [
+        "for stream '",
+        "stream '{",
+        "for stream: {",
+        "total ignored:",
+        "at least one label pair is required per stream",
+    ];
+    let line = line.to_ascii_lowercase();
+    MARKS.iter().any(|mark| line.contains(mark))
 }
 
 /// Loki's reason for a 400 and how many entries it refused. Loki lists one error per line and
@@ -407,8 +457,12 @@ fn refusal_of(body: &str) -> (&'static str, u64) {
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok());
-    let entries = ignored
-        .unwrap_or_else(|| body.lines().filter(|l| !l.trim().is_empty()).count().max(1) as u64);
+    let entries = ignored.unwrap_or_else(|| {
+        body.lines()
+            .filter(|l| is_validation_line(l))
+            .count()
+            .max(1) as u64
+    });
     (reason, entries)
 }
 
@@ -513,9 +567,37 @@ mod tests {
         let body = "entry for stream '{job=\"a\"}' has timestamp too old: 2020-01-01\nuser 'fake', total ignored: 3 out of 10";
         assert_eq!(refusal_of(body), ("greater_than_max_sample_age", 3));
         assert_eq!(
-            refusal_of("max entry size '256' bytes exceeded"),
+            refusal_of(
+                "Max entry size '256' bytes exceeded for stream '{a=\"b\"}' while adding an entry with length '300' bytes"
+            ),
             ("line_too_long", 1)
         );
         assert_eq!(refusal_of("weird"), ("bad_request", 1));
+    }
+
+    /// Only Loki's per-stream validation answer is a partial success; a 400 that names no
+    /// stream stored nothing and must be retried.
+    #[test]
+    fn only_per_stream_validation_errors_are_a_partial_success() {
+        for body in [
+            "entry for stream '{job=\"a\"}' has timestamp too old: 2020-01-01T00:00:00Z, oldest acceptable timestamp is: 2026-11-26T00:00:00Z",
+            "stream '{job=\"a\", x=\"y\"}' has label name too long: 'x'",
+            "Max entry size '262144' bytes exceeded for stream '{job=\"a\"}' while adding an entry with length '300000' bytes",
+            "entry with timestamp 2026-12-03 ignored, reason: 'entry out of order' for stream: {job=\"a\"},\nuser 'fake', total ignored: 1 out of 10",
+            "error at least one label pair is required per stream",
+            "line_too_long: line of 300 bytes exceeds the limit for stream '{job=\"a\"}'",
+        ] {
+            assert!(is_validation_answer(body), "{body}");
+        }
+        for body in [
+            "",
+            "<html>\r\n<head><title>400 Bad Request</title></head>\r\n<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>",
+            "snappy: corrupt input",
+            "failed to parse push request: proto: cannot parse invalid wire-format data",
+            "Content-Encoding \"zstd\" not supported",
+            "Request Header Or Cookie Too Large",
+        ] {
+            assert!(!is_validation_answer(body), "{body}");
+        }
     }
 }

@@ -398,6 +398,7 @@ impl ProbeConfig {
             rotate_wait: Duration::from_secs(10),
             framing: Arc::new(spool_framing()),
             path_labels: None,
+            follow_symlinks_under: Vec::new(),
         }
     }
 }

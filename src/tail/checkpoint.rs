@@ -5,16 +5,29 @@
 //! atomically (temp file, fsync, rename, fsync of the directory). A damaged line costs that one
 //! file its checkpoint (with a warning) and never stops ztail from starting: the file is then
 //! read from its beginning, so the failure mode is duplicates, not loss.
+//!
+//! The checkpoint file is written as soon as the directory is first taken, so its absence means
+//! "ztail has never run here" (`start_at` applies) and nothing else. A directory that disappears
+//! while ztail runs (a cleanup job, a wrong `rm`) is recreated at the next checkpoint, with its
+//! lock, and the positions in memory are written into it; a file that disappears is rewritten.
+//! The window in which a crash could still find no checkpoint file is one `checkpoint_interval`.
+//!
+//! Others must not steer ztail through this directory: it must belong to ztail's user, the lock
+//! and the temporary file are never opened through a symlink, and every field read back is
+//! bounded before it sizes a read.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::reader::hash;
+use super::reader::{HEAD_LEN, hash};
+use crate::pipeline::TAIL_LEN;
 
 const FILE_NAME: &str = "checkpoints.jsonl";
 const HEADER: &str = "ztail-checkpoints v1";
@@ -38,7 +51,8 @@ pub struct Entry {
 pub struct StateDir {
     dir: PathBuf,
     // Held for the lifetime of the process: the lock is released when the file is closed.
-    _lock: File,
+    // Replaced when the directory had to be recreated.
+    lock: Mutex<File>,
 }
 
 /// What was found in the state directory at start.
@@ -49,46 +63,33 @@ pub struct Loaded {
 }
 
 impl StateDir {
-    /// Creates (if needed) and locks the state directory.
+    /// Creates (if needed) and locks the state directory. Refuses a directory owned by another
+    /// user: whoever owns it can rewind ztail (re-sending days of logs) or move it past lines
+    /// never sent.
     pub fn open(dir: &Path) -> anyhow::Result<StateDir> {
-        // Only ztail's user may read or write its checkpoints (they decide what is re-sent).
-        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
-        let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open the lock file {}", lock_path.display()))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => anyhow::bail!(
-                "another ztail is using the state directory {} (it holds {}); stop it or give this one its own state_dir",
-                dir.display(),
-                lock_path.display()
-            ),
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()));
-            }
-        }
-        Ok(StateDir {
+        let lock = take(dir)?;
+        let state = StateDir {
             dir: dir.to_owned(),
-            _lock: lock,
-        })
+            lock: Mutex::new(lock),
+        };
+        Ok(state)
     }
 
     pub fn path(&self) -> &Path {
         &self.dir
     }
 
-    /// Reads the checkpoint file, skipping (with a warning) any line that is damaged.
+    /// Reads the checkpoint file, skipping (with a warning) any line that is damaged. At the
+    /// first start (no checkpoint file), writes an empty one at once: from now on a missing
+    /// file means it was lost, and the files found are read from their beginning.
     pub fn load(&self) -> Loaded {
         let path = self.dir.join(FILE_NAME);
         let text = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Err(e) = self.save(&[]) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the first checkpoint file; retried at the next checkpoint");
+                }
                 return Loaded {
                     first_start: true,
                     entries: HashMap::new(),
@@ -125,7 +126,14 @@ impl StateDir {
         }
     }
 
-    /// Replaces the checkpoint file atomically.
+    /// Whether the checkpoint file is where it should be (a cleanup job may have removed it,
+    /// or the whole directory).
+    pub fn is_intact(&self) -> bool {
+        self.dir.join(FILE_NAME).exists()
+    }
+
+    /// Replaces the checkpoint file atomically. If the directory is gone, it is recreated and
+    /// locked again first.
     pub fn save(&self, entries: &[Entry]) -> io::Result<()> {
         let mut out = String::with_capacity(64 + entries.len() * 160);
         out.push_str(HEADER);
@@ -134,13 +142,79 @@ impl StateDir {
             out.push_str(&format_line(e));
             out.push('\n');
         }
+        match self.write(&out) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.dir.exists() => {
+                let lock = take(&self.dir).map_err(io::Error::other)?;
+                tracing::warn!(dir = %self.dir.display(), "the state directory disappeared while ztail was running; recreated it and wrote the positions held in memory");
+                *crate::pipeline::lock(&self.lock) = lock;
+                self.write(&out)
+            }
+            result => result,
+        }
+    }
+
+    fn write(&self, text: &str) -> io::Result<()> {
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(out.as_bytes())?;
+        // Whatever is at the temporary name (a symlink planted to make ztail truncate another
+        // file) is removed, not followed; `create_new` refuses anything that appears meanwhile.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, self.dir.join(FILE_NAME))?;
         File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// Creates the directory (mode 0700) if needed, checks its owner and takes its lock.
+fn take(dir: &Path) -> anyhow::Result<File> {
+    // Only ztail's user may read or write its checkpoints (they decide what is re-sent).
+    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let owner = fs::metadata(dir)
+        .with_context(|| format!("cannot read the state directory {}", dir.display()))?
+        .uid();
+    let me = rustix::process::geteuid().as_raw();
+    if owner != me {
+        anyhow::bail!(
+            "the state directory {} belongs to uid {owner}, not to ztail's user (uid {me}): its owner could rewind or advance ztail's positions; chown it to ztail's user or choose another state_dir",
+            dir.display()
+        );
+    }
+    let lock_path = dir.join("lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lock_path)
+        .with_context(|| {
+            format!(
+                "cannot open the lock file {} (a symlink there is refused; remove it)",
+                lock_path.display()
+            )
+        })?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another ztail is using the state directory {} (it holds {}); stop it or give this one its own state_dir",
+            dir.display(),
+            lock_path.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", lock_path.display()))
+        }
     }
 }
 
@@ -151,14 +225,20 @@ pub fn format_line(e: &Entry) -> String {
     format!("{:016x} {json}", hash(json.as_bytes()))
 }
 
-/// Parses a line written by [`format_line`]; `None` if it is damaged in any way.
+/// Parses a line written by [`format_line`]; `None` if it is damaged in any way, or holds a
+/// field ztail could not have written (they size reads and subtractions at start).
 pub fn parse_line(line: &str) -> Option<Entry> {
     let (sum, json) = line.split_once(' ')?;
     let sum = u64::from_str_radix(sum, 16).ok()?;
     if sum != hash(json.as_bytes()) {
         return None;
     }
-    serde_json::from_str(json).ok()
+    let e: Entry = serde_json::from_str(json).ok()?;
+    let bounded = e.head_len as usize <= HEAD_LEN
+        && e.tail_len as usize <= TAIL_LEN
+        && u64::from(e.tail_len) <= e.offset
+        && e.offset <= i64::MAX as u64;
+    bounded.then_some(e)
 }
 
 #[cfg(test)]
@@ -183,6 +263,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         assert!(state.load().first_start);
+        // The first start is recorded at once: the next one is not a first start.
+        assert!(!state.load().first_start);
         state
             .save(&[entry(1, 100), entry(2, 200), entry(3, 300)])
             .unwrap();
@@ -217,5 +299,92 @@ mod tests {
             .expect("second open must fail")
             .to_string();
         assert!(err.contains("another ztail"), "{err}");
+    }
+
+    /// A checkpoint line with a valid checksum but fields ztail never writes (a hand edit,
+    /// another program) is ignored, not used to size a read or a subtraction.
+    #[test]
+    fn fields_out_of_bounds_cost_only_that_checkpoint() {
+        for e in [
+            Entry {
+                head_len: u32::MAX,
+                ..entry(1, 100)
+            },
+            Entry {
+                tail_len: 65,
+                ..entry(1, 100)
+            },
+            Entry {
+                tail_len: 10,
+                ..entry(1, 5)
+            },
+            Entry {
+                offset: u64::MAX,
+                ..entry(1, 0)
+            },
+        ] {
+            assert_eq!(parse_line(&format_line(&e)), None, "{e:?}");
+        }
+        assert!(parse_line(&format_line(&entry(1, 100))).is_some());
+    }
+
+    /// Symlinks planted at the lock or temporary file are never followed (`File::create`
+    /// would truncate their target), and a directory of another user is refused.
+    #[test]
+    fn symlinks_in_the_state_directory_are_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let dir = tmp.path().join("state");
+        fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("lock")).unwrap();
+        let err = StateDir::open(&dir)
+            .err()
+            .expect("a symlinked lock is refused");
+        assert!(format!("{err:#}").contains("symlink"), "{err:#}");
+        fs::remove_file(dir.join("lock")).unwrap();
+
+        let state = StateDir::open(&dir).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(format!("{FILE_NAME}.tmp"))).unwrap();
+        state.save(&[entry(1, 100)]).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(state.load().entries.len(), 1);
+    }
+
+    #[test]
+    fn a_state_directory_of_another_user_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        fs::create_dir(&dir).unwrap();
+        let me = rustix::process::geteuid().as_raw();
+        std::os::unix::fs::chown(&dir, Some(me + 1), None).unwrap();
+        let err = StateDir::open(&dir).err().expect("refused").to_string();
+        assert!(err.contains("belongs to uid"), "{err}");
+    }
+
+    /// A cleanup job removed the whole directory: the next save recreates it, locks it and
+    /// writes the positions, so a restart is not taken for a first start.
+    #[test]
+    fn a_state_directory_removed_while_running_is_recreated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let state = StateDir::open(&dir).unwrap();
+        assert!(state.load().first_start);
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(!state.is_intact());
+        state.save(&[entry(1, 100)]).unwrap();
+        assert!(state.is_intact());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert!(
+            StateDir::open(&dir).is_err(),
+            "the recreated directory is locked again"
+        );
+        let loaded = state.load();
+        assert!(!loaded.first_start);
+        assert_eq!(loaded.entries[&(1, 1)].offset, 100);
     }
 }

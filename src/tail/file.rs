@@ -99,7 +99,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             }
         };
         file.size.store(meta.len(), Ordering::Relaxed);
-        if meta.len() < r.read_offset() || r.head_changed().unwrap_or(false) {
+        if meta.len() < r.read_offset() || r.rewritten().unwrap_or(false) {
             metrics.file_truncations.inc();
             tracing::warn!(
                 path = %file.path().display(),

@@ -167,6 +167,8 @@ pub struct Tailer {
     streams: Mutex<HashMap<String, Arc<Stream>>>,
     /// Checkpoints loaded at start and not yet claimed by a file.
     resume: Mutex<HashMap<(u64, u64), Entry>>,
+    /// Symlinks not followed, reported once each.
+    skipped: Mutex<HashSet<PathBuf>>,
     first_start: AtomicBool,
     rescan: Notify,
     cancel: CancellationToken,
@@ -197,6 +199,7 @@ impl Tailer {
             files: Mutex::default(),
             streams: Mutex::default(),
             resume: Mutex::new(loaded.entries),
+            skipped: Mutex::default(),
             first_start: AtomicBool::new(loaded.first_start),
             rescan: Notify::new(),
             cancel,
@@ -218,6 +221,7 @@ impl Tailer {
         let mut watcher = self.clone().watcher();
         let mut watched = HashSet::new();
         let started = std::time::Instant::now();
+        let mut first_pass = true;
         loop {
             if let Some(w) = watcher.as_mut() {
                 self.watch_dirs(w, &mut watched);
@@ -226,6 +230,19 @@ impl Tailer {
             let found = tokio::task::spawn_blocking(move || this.scan())
                 .await
                 .unwrap_or_default();
+            if std::mem::take(&mut first_pass) {
+                // Before the files at the globs' paths: a rotated file found again is their
+                // predecessor and is drained first.
+                let at_globs: HashSet<(u64, u64)> =
+                    found.iter().map(|(_, _, m)| (m.dev(), m.ino())).collect();
+                let this = self.clone();
+                let moved = tokio::task::spawn_blocking(move || this.find_moved(&at_globs))
+                    .await
+                    .unwrap_or_default();
+                for m in moved {
+                    self.start_moved(m, &tx);
+                }
+            }
             for (source, path, meta) in found {
                 self.start_file(source, path, &meta, &tx);
             }
@@ -291,7 +308,7 @@ impl Tailer {
                 self.metrics
                     .checkpoint_lag_bytes
                     .get_or_create(&PathLabel {
-                        path: f.path().display().to_string(),
+                        path: f.path().display().to_string().into(),
                     })
                     .set(f.lag() as i64);
                 entries.push(f.entry());
@@ -299,7 +316,7 @@ impl Tailer {
             for key in retired {
                 if let Some(f) = reg.by_inode.remove(&key) {
                     self.metrics.checkpoint_lag_bytes.remove(&PathLabel {
-                        path: f.path().display().to_string(),
+                        path: f.path().display().to_string().into(),
                     });
                 }
             }
@@ -308,7 +325,7 @@ impl Tailer {
         self.metrics.deleted_files_open.set(deleted);
         entries.extend(lock(&self.resume).values().cloned());
         entries.sort_by_key(|e| (e.dev, e.ino));
-        if entries == *last {
+        if entries == *last && self.state_dir.is_intact() {
             return;
         }
         match self.state_dir.save(&entries) {
@@ -323,18 +340,16 @@ impl Tailer {
     /// Lists the regular files matching each source's globs.
     fn scan(&self) -> Vec<(usize, PathBuf, Metadata)> {
         let mut out = Vec::new();
-        let opts = glob::MatchOptions {
-            case_sensitive: true,
-            require_literal_separator: true,
-            require_literal_leading_dot: false,
-        };
         for (i, src) in self.sources.iter().enumerate() {
             for pattern in &src.include {
-                let Ok(paths) = glob::glob_with(pattern, opts) else {
+                let Ok(paths) = glob::glob_with(pattern, GLOB_OPTIONS) else {
                     continue;
                 };
                 for path in paths.flatten() {
                     if src.exclude.is_match(&path) {
+                        continue;
+                    }
+                    if !self.may_follow(src, &path) {
                         continue;
                     }
                     // Follows symlinks; directories, FIFOs and sockets are skipped here so that
@@ -394,21 +409,9 @@ impl Tailer {
                 return;
             }
         }
-        let file = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot open a matching file; will retry at the next scan (check its permissions)");
-                return;
-            }
+        let Some((file, fmeta)) = open_regular(&path, key) else {
+            return;
         };
-        let Ok(fmeta) = file.metadata() else { return };
-        if !fmeta.is_file() || (fmeta.dev(), fmeta.ino()) != key {
-            return; // replaced between stat and open; the next scan sees the new one
-        }
         let src = &self.sources[source];
         let start = match self.start_position(&file, &fmeta, &path, src.start_at) {
             Ok(p) => p,
@@ -417,6 +420,22 @@ impl Tailer {
                 return;
             }
         };
+        self.track(source, path, file, &fmeta, start, tx);
+    }
+
+    /// Starts the tailer task of an open file at `start`. `path` is where the file is (or, for
+    /// a rotated file found again, was) matched; it names its streams.
+    fn track(
+        self: &Arc<Self>,
+        source: usize,
+        path: PathBuf,
+        file: File,
+        fmeta: &Metadata,
+        start: Position,
+        tx: &mpsc::Sender<Chunk>,
+    ) {
+        let src = &self.sources[source];
+        let key = (fmeta.dev(), fmeta.ino());
         let reader = match FileReader::new(
             file,
             start.offset,
@@ -448,7 +467,9 @@ impl Tailer {
         {
             let mut reg = lock(&self.files);
             reg.by_inode.insert(key, tracked.clone());
-            reg.by_path.insert(path.clone(), tracked.clone());
+            reg.by_path
+                .entry(path.clone())
+                .or_insert_with(|| tracked.clone());
         }
         tracing::info!(path = %path.display(), source = %src.name, offset = start.offset, "tailing");
         let ctx = file::Context {
@@ -462,6 +483,144 @@ impl Tailer {
             rotate_wait: src.rotate_wait,
         };
         self.tasks.spawn(file::run(tracked, reader, ctx));
+    }
+
+    /// Checkpoints of files that are no longer at their paths: rotated away (logrotate's
+    /// `app.log.1`, the kubelet's `0.log.<timestamp>`, also outside every glob) before ztail
+    /// had drained them, then ztail stopped or crashed. Each is looked for among the siblings
+    /// of its old path, by device and inode; [`Tailer::start_moved`] then confirms it by its
+    /// fingerprint and the bytes before its offset. Only at start, for at most
+    /// [`MAX_MOVED_SEARCH`] checkpoints, reading each directory once.
+    fn find_moved(&self, at_globs: &HashSet<(u64, u64)>) -> Vec<Moved> {
+        use std::os::unix::fs::DirEntryExt;
+        let mut by_dir: HashMap<PathBuf, HashMap<u64, Entry>> = HashMap::new();
+        for e in lock(&self.resume)
+            .values()
+            .filter(|e| !at_globs.contains(&(e.dev, e.ino)))
+            .take(MAX_MOVED_SEARCH)
+        {
+            if let Some(dir) = e.path.parent() {
+                by_dir
+                    .entry(dir.to_owned())
+                    .or_default()
+                    .insert(e.ino, e.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for (dir, mut wanted) in by_dir {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for found in entries.flatten() {
+                let Some(e) = wanted.get(&found.ino()) else {
+                    continue;
+                };
+                let path = found.path();
+                let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                // Read up and acknowledged (or shrunk, so not ours to guess about): nothing to do.
+                if !meta.is_file()
+                    || (meta.dev(), meta.ino()) != (e.dev, e.ino)
+                    || meta.len() <= e.offset
+                {
+                    continue;
+                }
+                let Some(source) = self.source_of(&e.path) else {
+                    continue;
+                };
+                let Some(e) = wanted.remove(&found.ino()) else {
+                    continue;
+                };
+                out.push(Moved {
+                    source,
+                    was: e.path,
+                    now: path,
+                    key: (e.dev, e.ino),
+                });
+                if wanted.is_empty() {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Drains a rotated file found by [`Tailer::find_moved`] from its checkpoint, if it is
+    /// provably the file the checkpoint was taken of. It is tracked under its old path (its
+    /// streams keep their `filename`), which no longer names it, so its task treats it as
+    /// rotated: read to its end, kept for `rotate_wait`, closed once acknowledged.
+    fn start_moved(self: &Arc<Self>, m: Moved, tx: &mpsc::Sender<Chunk>) {
+        let Some((file, fmeta)) = open_regular(&m.now, m.key) else {
+            return;
+        };
+        let Some(e) = lock(&self.resume).get(&m.key).cloned() else {
+            return;
+        };
+        match verify(&file, fmeta.len(), &e) {
+            Ok(Verdict::Same(start)) => {
+                lock(&self.resume).remove(&m.key);
+                self.metrics.rotated_files_found.inc();
+                tracing::info!(path = %m.was.display(), now_at = %m.now.display(), offset = start.offset, unacknowledged_bytes = fmeta.len() - start.offset, "found a file rotated away before it was drained; draining it from its checkpoint");
+                self.track(m.source, m.was, file, &fmeta, start, tx);
+            }
+            Ok(_) => {
+                tracing::info!(path = %m.was.display(), now_at = %m.now.display(), "a file with the inode of a rotated file's checkpoint holds other bytes; not read");
+            }
+            Err(e) => {
+                tracing::warn!(path = %m.now.display(), error = %e, "cannot read a rotated file found again; its unacknowledged tail is not shipped");
+            }
+        }
+    }
+
+    /// The source whose globs match `path`, if any.
+    fn source_of(&self, path: &Path) -> Option<usize> {
+        self.sources.iter().position(|src| {
+            !src.exclude.is_match(path)
+                && src.include.iter().any(|p| {
+                    glob::Pattern::new(p).is_ok_and(|p| p.matches_path_with(path, GLOB_OPTIONS))
+                })
+        })
+    }
+
+    /// Whether a path the globs matched may be read: a symlink only if its target also matches
+    /// one of the source's globs or lies under one of its `follow_symlinks_under` roots.
+    /// Otherwise whoever can create a symlink in a watched directory could ship any file ztail
+    /// can read (another tenant's log, a key). Skips are logged and counted once per path.
+    fn may_follow(&self, src: &SourceConfig, path: &Path) -> bool {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return true; // gone; the stat that follows says so
+        };
+        if !meta.file_type().is_symlink() {
+            return true;
+        }
+        let Ok(target) = std::fs::canonicalize(path) else {
+            return true; // dangling; skipped as unreadable
+        };
+        let matches_glob = src.include.iter().any(|p| {
+            glob::Pattern::new(p).is_ok_and(|p| p.matches_path_with(&target, GLOB_OPTIONS))
+        }) && !src.exclude.is_match(&target);
+        let under_root = src.follow_symlinks_under.iter().any(|root| {
+            target.starts_with(root)
+                || std::fs::canonicalize(root).is_ok_and(|root| target.starts_with(root))
+        });
+        if matches_glob || under_root {
+            return true;
+        }
+        let mut reported = lock(&self.skipped);
+        if reported.len() >= MAX_SKIPPED_REMEMBERED {
+            reported.clear();
+        }
+        if reported.insert(path.to_owned()) {
+            self.metrics
+                .files_skipped
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "symlink_outside".into(),
+                })
+                .inc();
+            tracing::warn!(path = %path.display(), target = %target.display(), source = %src.name, "not following a symlink whose target matches none of the source's globs; add its directory to the source's follow_symlinks_under if it should be read");
+        }
+        false
     }
 
     /// The Loki streams of a file: the source's static labels, `filename`, the labels captured
@@ -511,25 +670,16 @@ impl Tailer {
         let key = (meta.dev(), meta.ino());
         let saved = lock(&self.resume).remove(&key);
         if let Some(e) = saved {
-            let head = read_head(file, e.head_len as usize)?;
-            let same_file = head.len() == e.head_len as usize && hash(&head) == e.head_hash;
-            if !same_file {
-                tracing::info!(path = %path.display(), "inode reused by a different file; reading it from the beginning");
-                return Ok(Position::default());
-            }
-            if meta.len() >= e.offset {
-                let mut tail = vec![0; e.tail_len as usize];
-                file.read_exact_at(&mut tail, e.offset - e.tail_len as u64)?;
-                if hash(&tail) == e.tail_hash {
-                    return Ok(Position {
-                        offset: e.offset,
-                        tail_len: e.tail_len,
-                        tail_hash: e.tail_hash,
-                    });
+            match verify(file, meta.len(), &e)? {
+                Verdict::Same(p) => return Ok(p),
+                Verdict::OtherFile => {
+                    tracing::info!(path = %path.display(), "inode reused by a different file; reading it from the beginning");
+                }
+                Verdict::Changed => {
+                    self.metrics.file_truncations.inc();
+                    tracing::warn!(path = %path.display(), offset = e.offset, size = meta.len(), "file changed below its checkpoint while ztail was down (truncated?); reading it from the beginning");
                 }
             }
-            self.metrics.file_truncations.inc();
-            tracing::warn!(path = %path.display(), offset = e.offset, size = meta.len(), "file changed below its checkpoint while ztail was down (truncated?); reading it from the beginning");
             return Ok(Position::default());
         }
         if self.first_start.load(Ordering::Relaxed) && start_at == StartAt::End {
@@ -617,6 +767,81 @@ impl Tailer {
             }
         }
     }
+}
+
+/// How glob patterns match paths (scans, and matching a path found otherwise).
+const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
+/// At most this many checkpoints are looked for among their old siblings at start.
+const MAX_MOVED_SEARCH: usize = 1000;
+
+/// Skipped symlinks remembered so that each is reported once (then forgotten all at once).
+const MAX_SKIPPED_REMEMBERED: usize = 10_000;
+
+/// A rotated file found again at start (see [`Tailer::find_moved`]).
+struct Moved {
+    source: usize,
+    /// The path its checkpoint names.
+    was: PathBuf,
+    /// Where it is now.
+    now: PathBuf,
+    key: (u64, u64),
+}
+
+/// Opens a regular file without blocking (FIFOs) and checks it is still the inode `key`.
+fn open_regular(path: &Path, key: (u64, u64)) -> Option<(File, Metadata)> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot open a matching file; will retry at the next scan (check its permissions)");
+            return None;
+        }
+    };
+    let meta = file.metadata().ok()?;
+    // Replaced between stat and open: the next scan sees the new one.
+    (meta.is_file() && (meta.dev(), meta.ino()) == key).then_some((file, meta))
+}
+
+/// What a checkpoint says about an open file with its inode.
+enum Verdict {
+    /// Same first bytes and same bytes before the offset: resume there.
+    Same(Position),
+    /// Other first bytes: the inode was reused by another file.
+    OtherFile,
+    /// Same start, but shorter than the offset or other bytes before it.
+    Changed,
+}
+
+fn verify(file: &File, size: u64, e: &Entry) -> std::io::Result<Verdict> {
+    if e.offset == 0 {
+        // Nothing was acknowledged yet: there is nothing below the checkpoint to compare.
+        return Ok(Verdict::Same(Position::default()));
+    }
+    let head = read_head(file, e.head_len as usize)?;
+    if head.len() != e.head_len as usize || hash(&head) != e.head_hash {
+        return Ok(Verdict::OtherFile);
+    }
+    if size >= e.offset {
+        // Bounded when the checkpoint was parsed: tail_len <= TAIL_LEN and <= offset.
+        let mut tail = vec![0; e.tail_len as usize];
+        file.read_exact_at(&mut tail, e.offset - e.tail_len as u64)?;
+        if hash(&tail) == e.tail_hash {
+            return Ok(Verdict::Same(Position {
+                offset: e.offset,
+                tail_len: e.tail_len,
+                tail_hash: e.tail_hash,
+            }));
+        }
+    }
+    Ok(Verdict::Changed)
 }
 
 /// The directory to watch for a glob pattern: its longest literal prefix, recursively if a

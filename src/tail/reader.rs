@@ -170,14 +170,38 @@ impl FileReader {
         Ok(())
     }
 
-    /// True if the bytes at the start of the file are no longer those read earlier (the file
-    /// was truncated and rewritten, possibly beyond our offset, before we noticed).
-    pub fn head_changed(&self) -> io::Result<bool> {
-        if self.head_len == 0 {
+    /// True if the file is no longer the one read so far: its first bytes, or the bytes just
+    /// before the position, are not those read earlier (it was truncated and rewritten,
+    /// possibly beyond our offset, before we noticed). Both are compared: a copytruncate of a
+    /// file whose first kilobyte is always the same (a banner, a header) leaves the head
+    /// unchanged, and reading on would skip everything between the start and our offset.
+    pub fn rewritten(&self) -> io::Result<bool> {
+        if self.head_len > 0 {
+            let now = read_head(&self.file, self.head_len)?;
+            if now.len() != self.head_len || hash(&now) != self.head_hash {
+                return Ok(true);
+            }
+        }
+        let tail_len = self.tail.len() as u64;
+        // Within the head, the tail was just compared.
+        if tail_len == 0 || self.consumed <= self.head_len as u64 {
             return Ok(false);
         }
-        let now = read_head(&self.file, self.head_len)?;
-        Ok(now.len() != self.head_len || hash(&now) != self.head_hash)
+        let mut now = [0u8; TAIL_LEN];
+        let now = &mut now[..tail_len as usize];
+        let mut got = 0;
+        while got < now.len() {
+            match self
+                .file
+                .read_at(&mut now[got..], self.consumed - tail_len + got as u64)
+            {
+                Ok(0) => return Ok(true), // shorter than our position
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(now != self.tail.as_slice())
     }
 
     /// Reads until at least one line is complete (or an over-long line was cut) and returns the
@@ -208,8 +232,8 @@ impl FileReader {
         }
         // A file truncated and rewritten past our offset (copytruncate) reads as plausible
         // bytes from the middle of its new content: they are dropped unshipped, and the tailer
-        // sees `head_changed` and reads the file again from its start.
-        if self.head_changed()? {
+        // sees `rewritten` and reads the file again from its start.
+        if self.rewritten()? {
             self.file.seek(SeekFrom::Start(self.read_at))?;
             self.carry = data[..carried].to_vec();
             return Ok(ReadStep::Eof);
@@ -529,9 +553,9 @@ mod tests {
         assert_eq!(r.fingerprint(), (13, hash(b"first\nsecond\n")));
         // Rewritten in place, same length: a short head is still compared.
         f.as_file().write_all_at(b"FIRST", 0).unwrap();
-        assert!(r.head_changed().unwrap());
+        assert!(r.rewritten().unwrap());
         f.as_file().write_all_at(b"first", 0).unwrap();
-        assert!(!r.head_changed().unwrap());
+        assert!(!r.rewritten().unwrap());
 
         // Grown past HEAD_LEN: the bytes are dropped, the hash still tells a rewrite.
         let long: String = (0..200).map(|i| format!("line {i:03}\n")).collect();
@@ -541,9 +565,9 @@ mod tests {
         let head = &content.as_bytes()[..HEAD_LEN];
         assert_eq!(r.fingerprint(), (HEAD_LEN as u32, hash(head)));
         assert_eq!(r.head.capacity(), 0, "a complete head keeps no bytes");
-        assert!(!r.head_changed().unwrap());
+        assert!(!r.rewritten().unwrap());
         f.as_file().write_all_at(b"X", HEAD_LEN as u64 - 1).unwrap();
-        assert!(r.head_changed().unwrap());
+        assert!(r.rewritten().unwrap());
     }
 
     #[test]
@@ -563,9 +587,40 @@ mod tests {
             r.read_chunk().unwrap().is_none(),
             "bytes from the middle of the new content must not be shipped"
         );
-        assert!(r.head_changed().unwrap());
+        assert!(r.rewritten().unwrap());
         r.reset().unwrap();
         assert_eq!(all_lines(&mut r), new);
+    }
+
+    /// A copytruncate that writes the same first kilobyte again (a banner every run prints)
+    /// and regrows past the offset before the tailer looks: the head alone matches, so the
+    /// bytes before the position must be compared too, or the middle would be skipped.
+    #[test]
+    fn a_rewrite_with_the_same_head_is_caught_by_the_bytes_before_the_offset() {
+        let banner: String = (0..40)
+            .map(|i| format!("banner {i:02} ======================\n"))
+            .collect();
+        assert!(banner.len() > HEAD_LEN);
+        let old: String = (0..100).map(|i| format!("old line {i:03}\n")).collect();
+        let (f, mut r) = reader_over(format!("{banner}{old}").as_bytes(), 1000, 256);
+        assert_eq!(all_lines(&mut r).len(), 140);
+        let new: String = (0..300).map(|i| format!("new line {i:03}\n")).collect();
+        f.as_file().set_len(0).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(f.path())
+            .unwrap()
+            .write_all(format!("{banner}{new}").as_bytes())
+            .unwrap();
+        assert!(
+            r.read_chunk().unwrap().is_none(),
+            "bytes from the middle of the new content must not be shipped"
+        );
+        assert!(r.rewritten().unwrap());
+        r.reset().unwrap();
+        let lines = all_lines(&mut r);
+        assert_eq!(lines.len(), 340);
+        assert_eq!(lines[40], "new line 000");
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub(super) fn source(dir: &Path) -> SourceConfig {
         rotate_wait: Duration::from_millis(200),
         framing: Arc::new(Framing::raw(1 << 16)),
         path_labels: None,
+        follow_symlinks_under: Vec::new(),
     }
 }
 

@@ -195,3 +195,73 @@ async fn status_shows_identity_sink_and_files_of_a_running_ztail() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("is ztail running"));
 }
+
+/// `ztail check` refuses what would break the trust promise and warns about what weakens it,
+/// without ever printing a secret back.
+#[test]
+fn check_refuses_remote_workload_apis_and_passwords_and_warns_about_weak_trust() {
+    let env = Env::new();
+    let good = env.config("https://127.0.0.1:3100", "", "");
+    let files_identity = "source = \"files\"\ncert = \"certs/ztail.crt\"\nkey = \"certs/ztail.key\"\nbundle = \"certs/ca.crt\"";
+    let spiffe = |socket: &str| {
+        good.replace(
+            files_identity,
+            &format!("source = \"spiffe\"\nsocket = \"{socket}\""),
+        )
+    };
+
+    // The Workload API is plaintext gRPC: over TCP only on loopback.
+    let (code, out) = check(&env, &spiffe("tcp://10.0.0.5:8081"));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("identity.socket") && out.contains("not on loopback"),
+        "{out}"
+    );
+    let (code, out) = check(&env, &spiffe("tcp://127.0.0.1:8081"));
+    assert_eq!(code, 0, "{out}");
+
+    // A socket in a directory others can write: they could replace it.
+    let sockets = env.path("sockets");
+    std::fs::create_dir(&sockets).unwrap();
+    std::fs::set_permissions(
+        &sockets,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let (code, out) = check(
+        &env,
+        &spiffe(&format!("unix://{}/api.sock", sockets.display())),
+    );
+    assert_eq!(code, 0, "a warning, not an error: {out}");
+    assert!(
+        out.contains("socket's directory") && out.contains("could replace the socket"),
+        "{out}"
+    );
+
+    // A password in the push URL is refused and never printed back.
+    let (code, out) = check(
+        &env,
+        &good.replace(
+            "https://127.0.0.1:3100",
+            "https://loki:hunter2@127.0.0.1:3100",
+        ),
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("sink.url") && !out.contains("hunter2"),
+        "{out}"
+    );
+
+    // Any workload of the trust domain may act as Loki: valid, but said.
+    let (code, out) = check(
+        &env,
+        &good.replace(
+            "allowed_ids = [\"spiffe://example.org/loki\"]",
+            "allowed_trust_domains = [\"example.org\"]",
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("allows any workload of trust domain"), "{out}");
+    let (_, out) = check(&env, &good);
+    assert!(!out.contains("allows any workload"), "{out}");
+}

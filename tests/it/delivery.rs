@@ -2,6 +2,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::ztail::{Env, LOKI_ID, Ztail, append_lines};
@@ -80,6 +82,54 @@ async fn rename_and_copytruncate_rotation_deliver_every_line_once_in_order() {
     }
 }
 
+/// logrotate's `app.log.1` and the kubelet's `0.log.<timestamp>` are outside `*.log`. A file
+/// renamed there while Loki was down, then a restart: its checkpoint names an inode that is
+/// still on disk beside the old path, so its unacknowledged tail is found and shipped, under
+/// its old `filename`, before the new file at that path. A file already acknowledged to its
+/// end is not shipped again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rotated_outside_the_glob_during_an_outage_is_drained_after_a_restart() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let mut zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    let (log, done) = (env.path("logs/app.log"), env.path("logs/done.log"));
+    append_lines(&log, "a", 0..100);
+    append_lines(&done, "done", 0..10);
+    assert!(rx.wait_for(|e| e.len() >= 110, WAIT).await);
+    // Acknowledged to its end, then rotated away: nothing of it may come again.
+    fs::rename(&done, env.path("logs/done.log.1")).unwrap();
+
+    rx.stop().await;
+    append_lines(&log, "a", 100..200);
+    zt.wait_read_to_end(&log).await;
+    fs::rename(&log, env.path("logs/app.log.1")).unwrap();
+    zt.terminate(Duration::from_secs(10));
+    append_lines(&log, "b", 0..50);
+
+    rx.restart().await;
+    zt.restart();
+    assert!(
+        rx.wait_for(|e| e.len() >= 260, WAIT).await,
+        "the rotated file's unacknowledged lines never arrived ({} of 260): {}",
+        rx.entries().len(),
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let by_file = lines_by_file(&rx.entries());
+    let mut want = expected("a", 0..200);
+    want.extend(expected("b", 0..50));
+    assert_eq!(
+        by_file[&log.display().to_string()],
+        want,
+        "the rotated file first, then its successor, each line once"
+    );
+    assert_eq!(
+        by_file[&done.display().to_string()],
+        expected("done", 0..10)
+    );
+    assert_eq!(zt.metric("ztail_rotated_files_found_total").await, 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing() {
     // The fault matrix's long mode: ZTAIL_KILL_LINES=1000000 ZTAIL_KILLS=50.
@@ -98,12 +148,21 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let mut zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
     let files = [env.path("logs/k1.log"), env.path("logs/k2.log")];
     let writer_files = files.clone();
+    // Halfway, k1.log is renamed to a name outside the glob (as the kubelet renames `0.log`
+    // to `0.log.<timestamp>`), and ztail is killed right after: the rotated file's
+    // unacknowledged tail must be found again after the restart.
+    let rotated = Arc::new(AtomicBool::new(false));
+    let rotated_flag = rotated.clone();
     let writer = std::thread::spawn(move || {
         // 400 bursts over about 8 s, alternating between two files.
         for burst in 0..400 {
             for (i, f) in writer_files.iter().enumerate() {
                 let start = burst * per;
                 append_lines(f, &format!("k{}", i + 1), start..start + per);
+            }
+            if burst == 200 {
+                fs::rename(&writer_files[0], writer_files[0].with_extension("log.1")).unwrap();
+                rotated_flag.store(true, Ordering::SeqCst);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -112,7 +171,15 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let started = Instant::now();
     let cap = Duration::from_secs(60.max(2 * min_kills as u64));
     while !writer.is_finished() || kills < min_kills {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(300..1200))).await;
+        let pause = Duration::from_millis(fastrand::u64(300..1200));
+        let slept = Instant::now();
+        while slept.elapsed() < pause && !rotated.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if rotated.swap(false, Ordering::SeqCst) {
+            // Within the rotated file's rotate_wait and before its last lines are acknowledged.
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
+        }
         zt.kill();
         kills += 1;
         zt.restart();
@@ -164,7 +231,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
         );
     }
     println!(
-        "row sigkill: {kills} kills: {} entries received for {} lines ({} duplicates), 0 lost",
+        "row sigkill: {kills} kills and a rotation outside the glob: {} entries received for {} lines ({} duplicates), 0 lost",
         entries.len(),
         want,
         entries.len() - want

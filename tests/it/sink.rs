@@ -142,3 +142,218 @@ async fn json_bodies_carry_the_same_lines_and_labels() {
             .all(|r| r.content_type.as_deref() == Some("application/json"))
     );
 }
+
+/// A redirect proves nothing was stored: following it turned the POST into a body-less GET of
+/// `/ready`, whose 200 was taken for an acknowledgement and every line was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_a_failed_push_never_an_acknowledgement() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let redirects = 6;
+    rx.push_faults((0..redirects).map(|_| Fault::Redirect {
+        location: "/ready".into(),
+    }));
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    let log = env.path("logs/app.log");
+    append_lines(&log, "r", 0..300);
+    // While the redirects last, ztail is not ready.
+    let mut saw_not_ready = false;
+    while rx.pending_faults() > 1 {
+        saw_not_ready |= zt.get("/readyz").await.0 == 503;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        rx.wait_for(|e| e.len() >= 300, WAIT).await,
+        "lines answered with a redirect were never stored: {:?}",
+        rx.requests().iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(saw_not_ready, "/readyz stayed ready through the redirects");
+    let statuses: Vec<u16> = rx.requests().iter().map(|r| r.status).collect();
+    assert_eq!(&statuses[..redirects], &[302; 6], "{statuses:?}");
+    assert_eq!(
+        lines_by_file(&rx.entries())[&log.display().to_string()],
+        expected("r", 0..300)
+    );
+    assert_eq!(
+        zt.metric("ztail_push_requests_total{status=\"302\"}").await,
+        redirects as f64
+    );
+}
+
+/// nginx's own 400 page: nothing was stored, so nothing may be acknowledged.
+const NGINX_400: &str = "<html>\r\n<head><title>400 Bad Request</title></head>\r\n<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_that_names_no_stream_stored_nothing_and_is_retried() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    rx.push_faults(
+        [NGINX_400, "snappy: corrupt input", NGINX_400].map(|body| Fault::BadRequest {
+            reason: body.into(),
+        }),
+    );
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    let log = env.path("logs/app.log");
+    append_lines(&log, "h", 0..2000);
+    assert!(
+        rx.wait_for(|e| e.len() >= 2000, WAIT).await,
+        "lines answered with a whole-request 400 were never stored: {} of 2000",
+        rx.entries().len()
+    );
+    assert_eq!(
+        lines_by_file(&rx.entries())[&log.display().to_string()],
+        expected("h", 0..2000)
+    );
+    assert_eq!(
+        zt.metric("ztail_push_requests_total{status=\"400\"}").await,
+        3.0
+    );
+    let metrics = zt.get("/metrics").await.1;
+    assert!(
+        !metrics.contains("ztail_dropped_entries_total{"),
+        "nothing was dropped: {metrics}"
+    );
+    zt.wait_log("without per-stream validation errors").await;
+}
+
+/// `HTTPS_PROXY` and `ALL_PROXY` are not ztail's business: pushes go straight to Loki, and
+/// through a proxy only when `sink.proxy` names one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_come_from_the_config_never_from_the_environment() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let proxy = ConnectProxy::start().await;
+    let proxy_url = format!("http://{}", proxy.addr);
+    let log = env.path("logs/app.log");
+    append_lines(&log, "p", 0..100);
+    let mut zt = Ztail::start_with_vars(
+        &env,
+        &env.config(&rx.url(), "", ""),
+        &[
+            ("HTTPS_PROXY", &proxy_url),
+            ("https_proxy", &proxy_url),
+            ("ALL_PROXY", &proxy_url),
+            ("all_proxy", &proxy_url),
+        ],
+    );
+    assert!(rx.wait_for(|e| e.len() >= 100, WAIT).await);
+    assert_eq!(
+        proxy.tunnels(),
+        Vec::<String>::new(),
+        "the environment's proxy was used"
+    );
+    zt.terminate(Duration::from_secs(10));
+
+    std::fs::write(
+        &zt.config_path,
+        std::fs::read_to_string(&zt.config_path)
+            .unwrap()
+            .replace("[sink]\n", &format!("[sink]\nproxy = \"{proxy_url}\"\n")),
+    )
+    .unwrap();
+    zt.restart();
+    append_lines(&log, "p", 100..200);
+    assert!(rx.wait_for(|e| e.len() >= 200, WAIT).await);
+    assert_eq!(
+        proxy.tunnels(),
+        vec![rx.addr().to_string()],
+        "sink.proxy was not used"
+    );
+    assert_eq!(
+        lines_by_file(&rx.entries())[&log.display().to_string()],
+        expected("p", 0..200)
+    );
+}
+
+/// TLS 1.2 sends ztail's certificate, with its SPIFFE ID, in the clear: refused unless the
+/// operator allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_is_refused_unless_allowed() {
+    let env = Env::new();
+    let leaf = env.ca.issue(LOKI_ID);
+    let rx = crate::support::receiver::Receiver::start(
+        crate::support::receiver::ReceiverOpts::new(&leaf, &env.ca).tls12_only(),
+    )
+    .await;
+    let log = env.path("logs/app.log");
+    append_lines(&log, "t", 0..50);
+    let mut zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    assert!(
+        rx.wait_for_stats(|s| s.handshake_failures >= 2, WAIT).await,
+        "ztail never tried"
+    );
+    assert!(rx.entries().is_empty(), "a line went over TLS 1.2");
+    assert_eq!(zt.get("/readyz").await.0, 503);
+    zt.terminate(Duration::from_secs(10));
+
+    std::fs::write(
+        &zt.config_path,
+        std::fs::read_to_string(&zt.config_path)
+            .unwrap()
+            .replace("[sink]\n", "[sink]\nallow_tls12 = true\n"),
+    )
+    .unwrap();
+    zt.restart();
+    assert!(rx.wait_for(|e| e.len() >= 50, WAIT).await);
+    zt.wait_log("sink.allow_tls12 is set").await;
+}
+
+/// A minimal HTTP CONNECT proxy on loopback that records the targets it tunnelled to.
+struct ConnectProxy {
+    addr: std::net::SocketAddr,
+    tunnels: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    async fn start() -> ConnectProxy {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tunnels = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = tunnels.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut client = BufReader::new(client);
+                    let mut request = String::new();
+                    client.read_line(&mut request).await.ok()?;
+                    let target = request
+                        .strip_prefix("CONNECT ")?
+                        .split(' ')
+                        .next()?
+                        .to_owned();
+                    loop {
+                        let mut header = String::new();
+                        client.read_line(&mut header).await.ok()?;
+                        if header.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    let mut upstream = tokio::net::TcpStream::connect(&target).await.ok()?;
+                    seen.lock().unwrap().push(target);
+                    let mut client = client.into_inner();
+                    client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .ok()?;
+                    tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                        .await
+                        .ok()
+                });
+            }
+        });
+        ConnectProxy { addr, tunnels }
+    }
+
+    /// Distinct tunnel targets, in order.
+    fn tunnels(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for t in self.tunnels.lock().unwrap().iter() {
+            if !out.contains(t) {
+                out.push(t.clone());
+            }
+        }
+        out
+    }
+}

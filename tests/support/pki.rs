@@ -115,6 +115,70 @@ impl Ca {
         }
     }
 
+    /// A CA like [`Ca::new`] that expired a day ago (valid from 60 days ago for 59 days).
+    pub fn new_expired(trust_domain: &str) -> Ca {
+        Ca::with_validity(trust_domain, 60 * DAY, 59 * DAY)
+    }
+
+    fn with_validity(trust_domain: &str, starts_ago: Duration, lasts: Duration) -> Ca {
+        let key = new_key();
+        let mut params = Ca::params(trust_domain);
+        params.not_before = now!() - starts_ago;
+        params.not_after = params.not_before + lasts;
+        let cert = params
+            .self_signed(&key)
+            .expect("pki: self-signing the test CA failed");
+        Ca {
+            trust_domain: trust_domain.to_owned(),
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// An intermediate CA of the same trust domain signed by this one, with keyUsage
+    /// keyCertSign or (for negative tests) without it. Its leaves are presented with the
+    /// intermediate: see [`Ca::chain_pem`].
+    pub fn intermediate(&self, key_cert_sign: bool) -> Ca {
+        let key = new_key();
+        let mut params = Ca::params(&self.trust_domain);
+        if !key_cert_sign {
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        }
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("pki: signing the intermediate CA failed");
+        Ca {
+            trust_domain: self.trust_domain.clone(),
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn params(trust_domain: &str) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = {
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CountryName, "US");
+            dn.push(DnType::OrganizationName, "SPIFFE");
+            dn.push(
+                DnType::CommonName,
+                format!("ztail test CA {trust_domain} {:08x}", fastrand::u32(..)),
+            );
+            dn
+        };
+        params.serial_number = Some(random_serial());
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))];
+        let now = now!();
+        params.not_before = now - 7 * DAY;
+        params.not_after = now + 30 * DAY;
+        params
+    }
+
     /// An X509-SVID for `spiffe_id`, valid from 1 hour ago for 1 day.
     pub fn issue(&self, spiffe_id: &str) -> Leaf {
         self.sign(spiffe_id, LeafKind::Svid, HOUR, DAY)

@@ -74,6 +74,8 @@ pub struct ReceiverOpts {
     /// A ready server config (e.g. `spiffe_rustls::mtls_server` over a live SPIRE source) used
     /// instead of the PEM fields, which are then ignored.
     pub server_config: Option<Arc<ServerConfig>>,
+    /// Speak TLS 1.2 only (an old proxy or Loki behind one).
+    pub tls12_only: bool,
 }
 
 /// Loki's per-tenant validation limits (reference `loki-push-api.md` §5, §7). A limit set to
@@ -125,6 +127,13 @@ pub enum Fault {
     PayloadTooLarge {
         /// Largest entry count that is still accepted.
         max_entries: usize,
+    },
+    /// Answer `302 Found` with this `Location` and an empty body; store nothing (a proxy or a
+    /// misrouted ingress). `GET /ready` answers 200, so a client that follows the redirect
+    /// gets a success for a request that stored nothing.
+    Redirect {
+        /// The `Location` header.
+        location: String,
     },
     /// Wait this long (tokio time), then handle the request normally.
     Slow(Duration),
@@ -222,7 +231,14 @@ impl ReceiverOpts {
             port: 0,
             limits: Limits::default(),
             server_config: None,
+            tls12_only: false,
         }
+    }
+
+    /// Speak TLS 1.2 only.
+    pub fn tls12_only(mut self) -> ReceiverOpts {
+        self.tls12_only = true;
+        self
     }
 
     /// Serve with a ready rustls server config (it must require and verify client
@@ -578,6 +594,7 @@ struct Answer {
     status: u16,
     body: String,
     retry_after: Option<u64>,
+    location: Option<String>,
 }
 
 impl Handle {
@@ -747,9 +764,13 @@ fn server_config(opts: &ReceiverOpts) -> ServerConfig {
     let key = PrivateKeyDer::from_pem_slice(opts.key_pem.as_bytes())
         .expect("receiver: server key PEM does not parse");
 
+    let versions: &[&rustls::SupportedProtocolVersion] = match opts.tls12_only {
+        true => &[&rustls::version::TLS12],
+        false => rustls::DEFAULT_VERSIONS,
+    };
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("receiver: ring supports the default protocol versions")
+        .with_protocol_versions(versions)
+        .expect("receiver: ring supports the protocol versions")
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .expect("receiver: server certificate and key do not match");
@@ -950,6 +971,11 @@ async fn push(shared: &Shared, peer: &Peer, request: Request<Incoming>) -> Respo
         Some(Fault::BadRequest { reason }) => {
             return finish(shared, record, Vec::new(), Answer::text(400, reason));
         }
+        Some(Fault::Redirect { location }) => {
+            let mut answer = Answer::text(302, "");
+            answer.location = Some(location.clone());
+            return finish(shared, record, Vec::new(), answer);
+        }
         Some(Fault::Slow(delay)) => tokio::time::sleep(*delay).await,
         Some(Fault::PartialBadRequest { .. } | Fault::PayloadTooLarge { .. }) | None => {}
     }
@@ -1058,6 +1084,7 @@ impl Answer {
             status,
             body: body.to_owned(),
             retry_after: None,
+            location: None,
         }
     }
 
@@ -1071,6 +1098,9 @@ impl Answer {
         }
         if let Some(secs) = self.retry_after {
             builder = builder.header(RETRY_AFTER, secs.to_string());
+        }
+        if let Some(location) = self.location {
+            builder = builder.header(hyper::header::LOCATION, location);
         }
         builder
             .body(Full::new(Bytes::from(self.body)))

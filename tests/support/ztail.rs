@@ -217,6 +217,8 @@ pub struct Ztail {
     rust_log: String,
     /// Runs as this uid (and gid) when set.
     user: Option<u32>,
+    /// Environment variables set for ztail (every run).
+    vars: Vec<(String, String)>,
     /// Strings that must never appear in ztail's output (see [`key_needles`]).
     pub secrets: Vec<String>,
 }
@@ -268,7 +270,26 @@ impl Ztail {
         Ztail::start_full(env, config, rust_log, None)
     }
 
+    /// [`Ztail::start`] with these environment variables set (for this run and restarts).
+    pub fn start_with_vars(env: &Env, config: &str, vars: &[(&str, &str)]) -> Ztail {
+        let vars = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ztail::start_full_vars(env, config, RUST_LOG, None, vars)
+    }
+
     fn start_full(env: &Env, config: &str, rust_log: &str, user: Option<u32>) -> Ztail {
+        Ztail::start_full_vars(env, config, rust_log, user, Vec::new())
+    }
+
+    fn start_full_vars(
+        env: &Env,
+        config: &str,
+        rust_log: &str,
+        user: Option<u32>,
+        vars: Vec<(String, String)>,
+    ) -> Ztail {
         let port = free_port();
         let config_path = env.path("ztail.toml");
         fs::write(
@@ -279,12 +300,18 @@ impl Ztail {
         if let Some(uid) = user {
             chown_tree(env.dir.path(), uid);
         }
-        let mut zt = Ztail::start_with(&config_path, port, rust_log, user);
+        let mut zt = Ztail::start_with(&config_path, port, rust_log, user, vars);
         zt.add_secret_key(&env.client.key_pem);
         zt
     }
 
-    fn start_with(config_path: &Path, port: u16, rust_log: &str, user: Option<u32>) -> Ztail {
+    fn start_with(
+        config_path: &Path,
+        port: u16,
+        rust_log: &str,
+        user: Option<u32>,
+        vars: Vec<(String, String)>,
+    ) -> Ztail {
         let dir = config_path.parent().unwrap();
         let n = fs::read_dir(dir).unwrap().count();
         let log_path = dir.join(format!("ztail-{n}.log"));
@@ -305,6 +332,7 @@ impl Ztail {
             .arg("-c")
             .arg(config_path)
             .env("RUST_LOG", rust_log)
+            .envs(vars.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -318,6 +346,7 @@ impl Ztail {
             rust_log: rust_log.to_owned(),
             secrets: Vec::new(),
             user,
+            vars,
         }
     }
 
@@ -328,7 +357,8 @@ impl Ztail {
         let mut earlier = std::mem::take(&mut self.earlier_logs);
         earlier.push(self.log_path.clone());
         let rust_log = self.rust_log.clone();
-        *self = Ztail::start_with(&self.config_path.clone(), port, &rust_log, self.user);
+        let vars = std::mem::take(&mut self.vars);
+        *self = Ztail::start_with(&self.config_path.clone(), port, &rust_log, self.user, vars);
         self.secrets = secrets;
         self.earlier_logs = earlier;
     }
