@@ -1,6 +1,7 @@
 //! Model-based tests of the whole tailer: discovery, rotation, deletion, restarts and crashes,
 //! with real files and inotify, in process. Each case runs random actions: writes (whole lines
-//! and lines split across writes), rename rotation, copytruncate of a drained file, deletion of
+//! and lines split across writes), rename rotation (also to a name outside the glob, followed
+//! at once by a restart or a crash), copytruncate of a drained file, deletion of
 //! a drained rotated or active file, re-creation, graceful restarts and crashes (the runtime is
 //! dropped mid-flight, so no final checkpoint is written). The sink stores and acknowledges
 //! every chunk at once or a little later (a crash loses the acknowledgements in flight). At the
@@ -37,6 +38,9 @@ static READ_ORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 
 /// copytruncates done by all cases, to show the generator reaches them.
 static COPYTRUNCATES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Rotations to a name outside the glob, each followed at once by a restart or a crash.
+static ROTATED_OUTSIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The distinct lines stored so far.
 fn arrived(received: &Received) -> HashSet<String> {
@@ -272,6 +276,38 @@ impl Writer {
         self.generation += 1;
     }
 
+    /// Rename rotation to a name outside the glob (the kubelet's `0.log.<timestamp>`): the
+    /// file is only found again through its checkpoint after a restart or crash.
+    /// Only once a checkpoint names the file: one ztail never saw cannot be found again (in
+    /// life, a file sits at its path for a while before it is rotated).
+    fn rotate_outside(&mut self, state: &Path) {
+        if self.partial.is_some() {
+            self.write_lines(0);
+        }
+        let Ok(meta) = std::fs::metadata(self.dir.join("app.log")) else {
+            return;
+        };
+        let needle = format!("\"ino\":{},", std::os::unix::fs::MetadataExt::ino(&meta));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(state.join("checkpoints.jsonl"))
+            .is_ok_and(|text| text.contains(&needle))
+        {
+            if Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.rotated += 1;
+        let name = format!("rotated-{}", self.rotated);
+        std::fs::rename(self.dir.join("app.log"), self.dir.join(&name)).unwrap();
+        self.note(format!(
+            "rotate g{} to {name} (outside the glob)",
+            self.generation
+        ));
+        ROTATED_OUTSIDE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.generation += 1;
+    }
+
     /// copytruncate (logrotate's): copy the file out of the glob's reach, then truncate it in
     /// place; the next lines are a new generation in the same file. Only once the file is
     /// drained: lines written before the truncation and not yet read are lost by design (they
@@ -338,7 +374,7 @@ fn run_case(seed: u64) -> usize {
     let mut inst = Some(start(&dir, &state, &received, seed));
     let mut crashes = 0;
     for _ in 0..rng.usize(5..25) {
-        match rng.u8(0..22) {
+        match rng.u8(0..24) {
             0..=8 => w.write_lines(rng.usize(1..200)),
             9 | 10 => w.write_partial(),
             11 | 12 => w.rotate(),
@@ -362,6 +398,22 @@ fn run_case(seed: u64) -> usize {
                 w.generation += 1;
             }
             20 | 21 => w.copytruncate(&received),
+            // Rotated outside the glob, then at once a restart or a crash: what was not yet
+            // read or acknowledged is found again through its checkpoint.
+            22 => {
+                w.rotate_outside(&state);
+                inst.take().unwrap().stop();
+                w.note("restart");
+                inst = Some(start(&dir, &state, &received, seed));
+            }
+            23 => {
+                w.rotate_outside(&state);
+                std::thread::sleep(Duration::from_millis(rng.u64(0..40)));
+                inst.take().unwrap().kill();
+                crashes += 1;
+                w.note("crash");
+                inst = Some(start(&dir, &state, &received, seed));
+            }
             14 | 15 => {
                 inst.take().unwrap().stop();
                 w.note("restart");
@@ -500,12 +552,14 @@ fn tailer_model_rotation_deletion_restarts_and_crashes_lose_nothing() {
         seeds.len()
     );
     let copytruncates = COPYTRUNCATES.load(std::sync::atomic::Ordering::Relaxed);
+    let outside = ROTATED_OUTSIDE.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "{} cases: {crashes} crashes, {copytruncates} copytruncates",
+        "{} cases: {crashes} crashes, {copytruncates} copytruncates, {outside} rotations outside the glob",
         seeds.len()
     );
     assert!(
-        std::env::var("ZTAIL_TAILER_SEED").is_ok() || (crashes > 0 && copytruncates > 0),
-        "the generator must exercise crashes ({crashes}) and copytruncate ({copytruncates})"
+        std::env::var("ZTAIL_TAILER_SEED").is_ok()
+            || (crashes > 0 && copytruncates > 0 && outside > 0),
+        "the generator must exercise crashes ({crashes}), copytruncate ({copytruncates}) and rotation outside the glob ({outside})"
     );
 }

@@ -105,6 +105,14 @@ fn the_demo_prints_lines_from_the_store_and_ctrl_c_leaves_nothing_running() {
         output.contains("stopped: nothing left running"),
         "{output}\n{status:?}"
     );
+    // Ctrl-C reached the whole group, but the services were stopped in order: ztail flushed
+    // to a store still running.
+    let ztail_log = std::fs::read_to_string(repo.join(".demo/ztail.log")).unwrap_or_default();
+    assert!(
+        ztail_log.contains("stopped; checkpoints written")
+            && !ztail_log.contains("shutdown timeout reached"),
+        "ztail did not flush before the store stopped:\n{ztail_log}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         leftovers(&demo_dir).is_empty(),

@@ -14,7 +14,7 @@ use crate::support::receiver::{Fault, Receiver, ReceiverOpts};
 use crate::support::ztail::{
     Env, LOKI_ID, ZTAIL_ID, Ztail, append_lines, checkpointed_offset, free_port,
 };
-use crate::{WAIT, assert_every_line, expected, lines_of};
+use crate::{WAIT, assert_every_line, expected, lines_by_file, lines_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_accepts_tcp_and_never_speaks_tls_stalls_nothing() {
@@ -128,6 +128,50 @@ async fn fifos_directories_and_symlinks_matching_the_glob_never_block_or_duplica
     assert_eq!(zt.get("/healthz").await.0, 200, "not blocked by the FIFO");
     append_lines(&real, "r", 300..400);
     assert!(rx.wait_for(|e| e.len() >= 400, WAIT).await);
+}
+
+/// Whoever can create a symlink in a watched directory must not be able to ship any file ztail
+/// can read: a link to a file outside every glob is skipped, logged and counted once, unless
+/// its target lies under the source's `follow_symlinks_under` (as `/var/log/containers` links
+/// into `/var/log/pods`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_to_a_file_outside_the_globs_is_not_read_unless_its_root_is_allowed() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let secrets = env.path("secrets");
+    let pods = env.path("pods");
+    fs::create_dir_all(&secrets).unwrap();
+    fs::create_dir_all(&pods).unwrap();
+    append_lines(&secrets.join("key.txt"), "secret", 0..5);
+    append_lines(&pods.join("0.log"), "pod", 0..5);
+    std::os::unix::fs::symlink(secrets.join("key.txt"), env.path("logs/stolen.log")).unwrap();
+    std::os::unix::fs::symlink(pods.join("0.log"), env.path("logs/pod.log")).unwrap();
+    append_lines(&env.path("logs/app.log"), "app", 0..5);
+    let zt = Ztail::start(
+        &env,
+        &env.config(&rx.url(), "", "follow_symlinks_under = [\"pods\"]"),
+    );
+    assert!(rx.wait_for(|e| e.len() >= 10, WAIT).await, "{}", zt.log());
+    tokio::time::sleep(Duration::from_millis(1500)).await; // two rescans
+    let by_file = lines_by_file(&rx.entries());
+    assert!(
+        !rx.entries().iter().any(|e| e.line.starts_with("secret")),
+        "a file outside the globs was shipped through a symlink"
+    );
+    assert_eq!(
+        by_file[&env.path("logs/pod.log").display().to_string()],
+        expected("pod", 0..5)
+    );
+    assert_eq!(
+        zt.metric("ztail_files_skipped_total{reason=\"symlink_outside\"}")
+            .await,
+        1.0,
+        "counted once over several rescans"
+    );
+    zt.wait_log("not following a symlink").await;
+    println!(
+        "row symlink-outside: 0 of 5 lines of the linked file shipped, 1 skip counted; the allowed root's 5 lines shipped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
