@@ -519,11 +519,7 @@ impl Tailer {
                 let Ok(meta) = std::fs::symlink_metadata(&path) else {
                     continue;
                 };
-                // Read up and acknowledged (or shrunk, so not ours to guess about): nothing to do.
-                if !meta.is_file()
-                    || (meta.dev(), meta.ino()) != (e.dev, e.ino)
-                    || meta.len() <= e.offset
-                {
+                if !meta.is_file() || (meta.dev(), meta.ino()) != (e.dev, e.ino) {
                     continue;
                 }
                 let Some(source) = self.source_of(&e.path) else {
@@ -557,17 +553,34 @@ impl Tailer {
         let Some(e) = lock(&self.resume).get(&m.key).cloned() else {
             return;
         };
-        match verify(&file, fmeta.len(), &e) {
-            Ok(Verdict::Same(start)) => {
+        let start = match verify(&file, fmeta.len(), &e) {
+            // Acknowledged to its end: nothing to do, and nothing is read twice.
+            Ok(Verdict::Same(p)) if p.offset == fmeta.len() => {
+                lock(&self.resume).remove(&m.key);
+                return;
+            }
+            Ok(Verdict::Same(p)) => Ok(p),
+            // Its first bytes are those ztail was reading, but it shrank or changed below the
+            // offset (a copytruncate before the rotation): read again from its start, as
+            // ztail does with a truncated file at its path.
+            Ok(Verdict::Changed) => {
+                self.metrics.file_truncations.inc();
+                Ok(Position::default())
+            }
+            Ok(Verdict::OtherFile) => Err(None),
+            Err(e) => Err(Some(e)),
+        };
+        match start {
+            Ok(start) => {
                 lock(&self.resume).remove(&m.key);
                 self.metrics.rotated_files_found.inc();
                 tracing::info!(path = %m.was.display(), now_at = %m.now.display(), offset = start.offset, unacknowledged_bytes = fmeta.len() - start.offset, "found a file rotated away before it was drained; draining it from its checkpoint");
                 self.track(m.source, m.was, file, &fmeta, start, tx);
             }
-            Ok(_) => {
+            Err(None) => {
                 tracing::info!(path = %m.was.display(), now_at = %m.now.display(), "a file with the inode of a rotated file's checkpoint holds other bytes; not read");
             }
-            Err(e) => {
+            Err(Some(e)) => {
                 tracing::warn!(path = %m.now.display(), error = %e, "cannot read a rotated file found again; its unacknowledged tail is not shipped");
             }
         }
@@ -821,13 +834,13 @@ enum Verdict {
 }
 
 fn verify(file: &File, size: u64, e: &Entry) -> std::io::Result<Verdict> {
-    if e.offset == 0 {
-        // Nothing was acknowledged yet: there is nothing below the checkpoint to compare.
-        return Ok(Verdict::Same(Position::default()));
-    }
     let head = read_head(file, e.head_len as usize)?;
     if head.len() != e.head_len as usize || hash(&head) != e.head_hash {
         return Ok(Verdict::OtherFile);
+    }
+    if e.offset == 0 {
+        // Nothing was acknowledged yet: there is nothing below the checkpoint to compare.
+        return Ok(Verdict::Same(Position::default()));
     }
     if size >= e.offset {
         // Bounded when the checkpoint was parsed: tail_len <= TAIL_LEN and <= offset.

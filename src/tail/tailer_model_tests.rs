@@ -278,20 +278,36 @@ impl Writer {
 
     /// Rename rotation to a name outside the glob (the kubelet's `0.log.<timestamp>`): the
     /// file is only found again through its checkpoint after a restart or crash.
-    /// Only once a checkpoint names the file: one ztail never saw cannot be found again (in
-    /// life, a file sits at its path for a while before it is rotated).
+    /// Only once a persisted checkpoint names the file as it is now (its inode, and the hash of
+    /// its first bytes): a file ztail never saw, or saw only before a copytruncate gave its
+    /// inode new content, cannot be confirmed and is not read outside the glob. In life a file
+    /// sits at its path for a while before it is rotated.
     fn rotate_outside(&mut self, state: &Path) {
         if self.partial.is_some() {
             self.write_lines(0);
         }
-        let Ok(meta) = std::fs::metadata(self.dir.join("app.log")) else {
+        let active = self.dir.join("app.log");
+        let Ok(meta) = std::fs::metadata(&active) else {
             return;
         };
-        let needle = format!("\"ino\":{},", std::os::unix::fs::MetadataExt::ino(&meta));
+        let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+        let known = || -> bool {
+            let text = std::fs::read_to_string(state.join("checkpoints.jsonl")).unwrap_or_default();
+            text.lines()
+                .filter_map(super::checkpoint::parse_line)
+                .any(|e| {
+                    e.ino == ino
+                        && std::fs::File::open(&active)
+                            .and_then(|f| super::reader::read_head(&f, e.head_len as usize))
+                            .is_ok_and(|head| {
+                                head.len() == e.head_len as usize
+                                    && super::reader::hash(&head) == e.head_hash
+                                    && e.head_len > 0
+                            })
+                })
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !std::fs::read_to_string(state.join("checkpoints.jsonl"))
-            .is_ok_and(|text| text.contains(&needle))
-        {
+        while !known() {
             if Instant::now() > deadline {
                 return;
             }
@@ -442,10 +458,12 @@ fn run_case(seed: u64) -> usize {
         }
         assert!(
             Instant::now() < deadline,
-            "seed {seed}: {} lines never arrived, e.g. {:?}; the case did:\n{}",
+            "seed {seed}: {} lines never arrived, e.g. {:?}; the case did:\n{}\nfiles now:\n{}checkpoints now:\n{}",
             missing.len(),
             &missing[..missing.len().min(3)],
-            w.trace()
+            w.trace(),
+            listing(&dir),
+            std::fs::read_to_string(state.join("checkpoints.jsonl")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -493,6 +511,24 @@ fn run_case(seed: u64) -> usize {
         }
     }
     crashes
+}
+
+/// Each file of `dir` with its inode, size and first line, for a failure message.
+fn listing(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let meta = e.metadata().unwrap();
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        out.push_str(&format!(
+            "  {:?} ino {} size {} first {:?} last {:?}\n",
+            e.file_name(),
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            meta.len(),
+            text.lines().next().unwrap_or(""),
+            text.lines().last().unwrap_or("")
+        ));
+    }
+    out
 }
 
 fn seeds() -> Vec<u64> {

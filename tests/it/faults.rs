@@ -174,6 +174,44 @@ async fn a_symlink_to_a_file_outside_the_globs_is_not_read_unless_its_root_is_al
     );
 }
 
+/// A file read while Loki was down has a checkpoint at offset 0 (nothing acknowledged). A
+/// restart must resume it quietly, not report it as changed below its checkpoint and count a
+/// truncation every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_at_offset_zero_is_not_a_truncation() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    rx.stop().await;
+    let log = env.path("logs/app.log");
+    append_lines(&log, "z", 0..50);
+    let mut zt = Ztail::start(&env, &env.config(&rx.url(), "", ""));
+    zt.wait_read_to_end(&log).await;
+    let state = env.path("state");
+    let started = Instant::now();
+    while !fs::read_to_string(state.join("checkpoints.jsonl"))
+        .unwrap_or_default()
+        .contains("\"offset\":0,")
+    {
+        assert!(started.elapsed() < WAIT, "no checkpoint at offset 0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..2 {
+        zt.terminate(Duration::from_secs(10));
+        zt.restart();
+        zt.wait_read_to_end(&log).await;
+        assert_eq!(zt.metric("ztail_file_truncations_total").await, 0.0);
+    }
+    assert!(
+        !zt.log().contains("changed below its checkpoint"),
+        "{}",
+        zt.log()
+    );
+    rx.restart().await;
+    assert!(rx.wait_for(|e| e.len() >= 50, WAIT).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(lines_of(&rx, &log), expected("z", 0..50));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_bytes_and_invalid_utf8_arrive_as_data() {
     let env = Env::new();

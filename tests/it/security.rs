@@ -298,8 +298,8 @@ async fn idle_admin_connections_cannot_starve_ztail() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = fds();
-    eprintln!(
-        "{} idle connections, {} descriptors more",
+    println!(
+        "row admin-idle: {} idle connections held {} more descriptors of ztail's",
         idle.len(),
         during - before
     );
