@@ -234,11 +234,18 @@ pub fn parse_line(line: &str) -> Option<Entry> {
         return None;
     }
     let e: Entry = serde_json::from_str(json).ok()?;
-    let bounded = e.head_len as usize <= HEAD_LEN
-        && e.tail_len as usize <= TAIL_LEN
-        && u64::from(e.tail_len) <= e.offset
-        && e.offset <= i64::MAX as u64;
-    bounded.then_some(e)
+    e.is_bounded().then_some(e)
+}
+
+impl Entry {
+    /// Whether every field is one ztail can write: the fingerprint at most [`HEAD_LEN`] bytes,
+    /// the tail at most [`TAIL_LEN`] and not before the start of the file.
+    pub fn is_bounded(&self) -> bool {
+        self.head_len as usize <= HEAD_LEN
+            && self.tail_len as usize <= TAIL_LEN
+            && u64::from(self.tail_len) <= self.offset
+            && self.offset <= i64::MAX as u64
+    }
 }
 
 #[cfg(test)]
