@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
     let line = format_line(&entry);
     assert!(!line.contains('\n'), "one entry, one line: {line:?}");
     if !entry.is_bounded() {
-        assert_eq!(parse_line(&line), None, "an entry out of bounds was accepted");
+        assert_eq!(
+            parse_line(&line),
+            None,
+            "an entry out of bounds was accepted"
+        );
         return;
     }
     assert_eq!(parse_line(&line), Some(entry.clone()));

@@ -516,13 +516,9 @@ impl Tailer {
                     continue;
                 };
                 let path = found.path();
-                let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                    continue;
-                };
-                if !meta.is_file() || (meta.dev(), meta.ino()) != (e.dev, e.ino) {
-                    continue;
-                }
-                let Some(source) = self.source_of(&e.path) else {
+                let same_inode = std::fs::symlink_metadata(&path)
+                    .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == (e.dev, e.ino));
+                let Some(source) = self.source_of(&e.path).filter(|_| same_inode) else {
                     continue;
                 };
                 let Some(e) = wanted.remove(&found.ino()) else {
