@@ -323,7 +323,15 @@ impl Tailer {
         }
         self.metrics.files_open.set(open);
         self.metrics.deleted_files_open.set(deleted);
-        entries.extend(lock(&self.resume).values().cloned());
+        // A checkpoint is in `resume` until its file is in the registry; while both hold it
+        // (see `track`), the registry's is the newer.
+        let tracked: HashSet<(u64, u64)> = entries.iter().map(|e| (e.dev, e.ino)).collect();
+        entries.extend(
+            lock(&self.resume)
+                .values()
+                .filter(|e| !tracked.contains(&(e.dev, e.ino)))
+                .cloned(),
+        );
         entries.sort_by_key(|e| (e.dev, e.ino));
         if entries == *last && self.state_dir.is_intact() {
             return;
@@ -470,6 +478,10 @@ impl Tailer {
             reg.by_path
                 .entry(path.clone())
                 .or_insert_with(|| tracked.clone());
+            // Only now, with the file in the registry, does its checkpoint leave `resume`: a
+            // checkpoint written in between must still name it, or a crash right then would
+            // forget a file that only its checkpoint can find (one rotated outside the globs).
+            lock(&self.resume).remove(&key);
         }
         tracing::info!(path = %path.display(), source = %src.name, offset = start.offset, "tailing");
         let ctx = file::Context {
@@ -568,7 +580,6 @@ impl Tailer {
         };
         match start {
             Ok(start) => {
-                lock(&self.resume).remove(&m.key);
                 self.metrics.rotated_files_found.inc();
                 tracing::info!(path = %m.was.display(), now_at = %m.now.display(), offset = start.offset, unacknowledged_bytes = fmeta.len() - start.offset, "found a file rotated away before it was drained; draining it from its checkpoint");
                 self.track(m.source, m.was, file, &fmeta, start, tx);
@@ -677,7 +688,8 @@ impl Tailer {
         start_at: StartAt,
     ) -> std::io::Result<Position> {
         let key = (meta.dev(), meta.ino());
-        let saved = lock(&self.resume).remove(&key);
+        // Left in `resume` until the file is tracked (see `track`).
+        let saved = lock(&self.resume).get(&key).cloned();
         if let Some(e) = saved {
             match verify(file, meta.len(), &e)? {
                 Verdict::Same(p) => return Ok(p),
