@@ -530,7 +530,12 @@ impl Tailer {
                 let path = found.path();
                 let same_inode = std::fs::symlink_metadata(&path)
                     .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == (e.dev, e.ino));
-                let Some(source) = self.source_of(&e.path).filter(|_| same_inode) else {
+                // A new name that a glob matches is the scans' to claim (the first scan may
+                // have missed it while it was being renamed).
+                if !same_inode || self.source_of(&path).is_some() {
+                    continue;
+                }
+                let Some(source) = self.source_of(&e.path) else {
                     continue;
                 };
                 let Some(e) = wanted.remove(&found.ino()) else {
@@ -562,11 +567,10 @@ impl Tailer {
             return;
         };
         let start = match verify(&file, fmeta.len(), &e) {
-            // Acknowledged to its end: nothing to do, and nothing is read twice.
-            Ok(Verdict::Same(p)) if p.offset == fmeta.len() => {
-                lock(&self.resume).remove(&m.key);
-                return;
-            }
+            // Acknowledged to its end: nothing to do. The checkpoint stays (and is forgotten
+            // with the other unclaimed ones), so nothing is read twice if the file is found at
+            // a glob's path after all.
+            Ok(Verdict::Same(p)) if p.offset == fmeta.len() => return,
             Ok(Verdict::Same(p)) => Ok(p),
             // Its first bytes are those ztail was reading, but it shrank or changed below the
             // offset (a copytruncate before the rotation): read again from its start, as
@@ -970,6 +974,57 @@ mod rotation_tests {
         assert!(
             paths.iter().any(|(p, _)| p == &dir.join("app.log.1")),
             "the rotated file is followed: {paths:?}"
+        );
+    }
+
+    /// A checkpoint of `path` as it is now, fully acknowledged, written to `dir/state`.
+    fn checkpoint_of(dir: &Path, path: &Path) {
+        let bytes = std::fs::read(path).unwrap();
+        let meta = std::fs::metadata(path).unwrap();
+        let tail = &bytes[bytes.len().saturating_sub(crate::pipeline::TAIL_LEN)..];
+        let entry = Entry {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            path: path.to_owned(),
+            head_len: bytes.len().min(reader::HEAD_LEN) as u32,
+            head_hash: hash(&bytes[..bytes.len().min(reader::HEAD_LEN)]),
+            offset: bytes.len() as u64,
+            tail_len: tail.len() as u32,
+            tail_hash: hash(tail),
+        };
+        StateDir::open(&dir.join("state"))
+            .unwrap()
+            .save(&[entry])
+            .unwrap();
+    }
+
+    /// Found by the tailer model under load: a file renamed to a name its glob matches while
+    /// ztail started was missed by the first scan, taken for one rotated outside the globs,
+    /// found acknowledged to its end, and its checkpoint dropped, so the next scan read it
+    /// again from its start. Only names outside the globs are looked for.
+    #[test]
+    fn only_files_outside_the_globs_are_looked_for_as_rotated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let log = dir.join("app.log");
+        std::fs::write(&log, "one\ntwo\n").unwrap();
+        checkpoint_of(dir, &log);
+        std::fs::rename(&log, dir.join("app.log.3")).unwrap();
+        let tailer = tailer_over(dir);
+        let moved = tailer.find_moved(&HashSet::new());
+        assert!(
+            moved.is_empty(),
+            "a name the glob matches is the scans' to claim"
+        );
+        drop(tailer);
+
+        std::fs::rename(dir.join("app.log.3"), dir.join("rotated")).unwrap();
+        let tailer = tailer_over(dir);
+        let moved = tailer.find_moved(&HashSet::new());
+        assert_eq!(moved.len(), 1);
+        assert_eq!(
+            (moved[0].was.clone(), moved[0].now.clone()),
+            (log, dir.join("rotated"))
         );
     }
 
