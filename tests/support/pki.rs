@@ -84,35 +84,8 @@ enum LeafKind {
 impl Ca {
     /// A new self-signed CA for `trust_domain` (e.g. `example.org`), with a fresh P-256 key.
     pub fn new(trust_domain: &str) -> Ca {
-        let key = new_key();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = {
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::CountryName, "US");
-            dn.push(DnType::OrganizationName, "SPIFFE");
-            dn.push(
-                DnType::CommonName,
-                format!("ztail test CA {trust_domain} {:08x}", fastrand::u32(..)),
-            );
-            dn
-        };
-        params.serial_number = Some(random_serial());
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))];
-        let now = now!();
-        params.not_before = now - 7 * DAY;
-        params.not_after = now + 30 * DAY;
-
-        let cert = params
-            .self_signed(&key)
-            .expect("pki: self-signing the test CA failed");
-        Ca {
-            trust_domain: trust_domain.to_owned(),
-            cert_pem: cert.pem(),
-            cert_der: cert.der().to_vec(),
-            issuer: Issuer::new(params, key),
-        }
+        // Valid from a week ago for 30 days more.
+        Ca::with_validity(trust_domain, 7 * DAY, 37 * DAY)
     }
 
     /// A CA like [`Ca::new`] that expired a day ago (valid from 60 days ago for 59 days).
@@ -137,8 +110,8 @@ impl Ca {
     }
 
     /// An intermediate CA of the same trust domain signed by this one, with keyUsage
-    /// keyCertSign or (for negative tests) without it. Its leaves are presented with the
-    /// intermediate: see [`Ca::chain_pem`].
+    /// keyCertSign or (for negative tests) without it. Its leaves must be presented with the
+    /// intermediate's certificate after them.
     pub fn intermediate(&self, key_cert_sign: bool) -> Ca {
         let key = new_key();
         let mut params = Ca::params(&self.trust_domain);
