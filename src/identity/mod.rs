@@ -72,26 +72,26 @@ impl fmt::Debug for Identity {
 /// from the default provider; the files source and the probes take it from [`tls_provider`].
 /// Returns false if another provider was installed first (it is then left as it is).
 pub fn install_tls_provider(allow_tls12: bool) -> bool {
-    let mut provider = rustls::crypto::ring::default_provider();
-    if !allow_tls12 {
-        provider
-            .cipher_suites
-            .retain(|suite| suite.version() == &rustls::version::TLS13);
-    }
-    rustls::crypto::CryptoProvider::install_default(provider).is_ok()
+    rustls::crypto::CryptoProvider::install_default(ring_provider(allow_tls12)).is_ok()
 }
 
 /// The installed provider (see [`install_tls_provider`]), or TLS 1.3 only if none was.
 pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()
-        .unwrap_or_else(|| {
-            let mut provider = rustls::crypto::ring::default_provider();
-            provider
-                .cipher_suites
-                .retain(|suite| suite.version() == &rustls::version::TLS13);
-            Arc::new(provider)
-        })
+        .unwrap_or_else(|| Arc::new(ring_provider(false)))
+}
+
+/// ring, with TLS 1.2's cipher suites only if `allow_tls12`: without a suite for a version,
+/// rustls does not offer that version at all.
+fn ring_provider(allow_tls12: bool) -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !allow_tls12 {
+        provider
+            .cipher_suites
+            .retain(|suite| suite.version() == &rustls::version::TLS13);
+    }
+    provider
 }
 
 /// Latest identity; `None` while ztail has none (not ready). A new value means: rebuild the HTTP

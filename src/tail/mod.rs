@@ -5,7 +5,10 @@
 //! a renamed file that still matches a glob is not read twice and a reused inode is not taken
 //! for the old file. Rotation is followed through the open descriptor: a file renamed or deleted
 //! away is drained and kept for `rotate_wait` before it is closed; its successor at the same
-//! path is started once the old one has been read to its end. This module does not parse lines
+//! path is started once the old one has been read to its end. A file rotated away (also outside
+//! every glob) before it was acknowledged is found again at the next start through its
+//! checkpoint, among the files beside its old path. A symlink is followed only to a target the
+//! source allows. This module does not parse lines
 //! (see [`reader`]) or know about Loki (it hands [`Chunk`]s to the pipeline).
 
 pub mod checkpoint;
@@ -599,12 +602,7 @@ impl Tailer {
 
     /// The source whose globs match `path`, if any.
     fn source_of(&self, path: &Path) -> Option<usize> {
-        self.sources.iter().position(|src| {
-            !src.exclude.is_match(path)
-                && src.include.iter().any(|p| {
-                    glob::Pattern::new(p).is_ok_and(|p| p.matches_path_with(path, GLOB_OPTIONS))
-                })
-        })
+        self.sources.iter().position(|src| matches_globs(src, path))
     }
 
     /// Whether a path the globs matched may be read: a symlink only if its target also matches
@@ -621,9 +619,7 @@ impl Tailer {
         let Ok(target) = std::fs::canonicalize(path) else {
             return true; // dangling; skipped as unreadable
         };
-        let matches_glob = src.include.iter().any(|p| {
-            glob::Pattern::new(p).is_ok_and(|p| p.matches_path_with(&target, GLOB_OPTIONS))
-        }) && !src.exclude.is_match(&target);
+        let matches_glob = matches_globs(src, &target);
         let under_root = src.follow_symlinks_under.iter().any(|root| {
             target.starts_with(root)
                 || std::fs::canonicalize(root).is_ok_and(|root| target.starts_with(root))
@@ -800,6 +796,16 @@ const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
     require_literal_separator: true,
     require_literal_leading_dot: false,
 };
+
+/// Whether `path` matches one of the source's include globs and none of its excludes, as a
+/// scan would find it. (Only for paths found otherwise: rotated files, symlink targets.)
+fn matches_globs(src: &SourceConfig, path: &Path) -> bool {
+    !src.exclude.is_match(path)
+        && src
+            .include
+            .iter()
+            .any(|p| glob::Pattern::new(p).is_ok_and(|p| p.matches_path_with(path, GLOB_OPTIONS)))
+}
 
 /// At most this many checkpoints are looked for among their old siblings at start.
 const MAX_MOVED_SEARCH: usize = 1000;

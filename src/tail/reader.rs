@@ -189,19 +189,12 @@ impl FileReader {
         }
         let mut now = [0u8; TAIL_LEN];
         let now = &mut now[..tail_len as usize];
-        let mut got = 0;
-        while got < now.len() {
-            match self
-                .file
-                .read_at(&mut now[got..], self.consumed - tail_len + got as u64)
-            {
-                Ok(0) => return Ok(true), // shorter than our position
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        match self.file.read_exact_at(now, self.consumed - tail_len) {
+            Ok(()) => Ok(now != self.tail.as_slice()),
+            // Shorter than our position.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(true),
+            Err(e) => Err(e),
         }
-        Ok(now != self.tail.as_slice())
     }
 
     /// Reads until at least one line is complete (or an over-long line was cut) and returns the
