@@ -249,16 +249,7 @@ async fn proxies_come_from_the_config_never_from_the_environment() {
         Vec::<String>::new(),
         "the environment's proxy was used"
     );
-    zt.terminate(Duration::from_secs(10));
-
-    std::fs::write(
-        &zt.config_path,
-        std::fs::read_to_string(&zt.config_path)
-            .unwrap()
-            .replace("[sink]\n", &format!("[sink]\nproxy = \"{proxy_url}\"\n")),
-    )
-    .unwrap();
-    zt.restart();
+    restart_with_sink_key(&mut zt, &format!("proxy = \"{proxy_url}\""));
     append_lines(&log, "p", 100..200);
     assert!(rx.wait_for(|e| e.len() >= 200, WAIT).await);
     assert_eq!(
@@ -291,18 +282,21 @@ async fn tls12_is_refused_unless_allowed() {
     );
     assert!(rx.entries().is_empty(), "a line went over TLS 1.2");
     assert_eq!(zt.get("/readyz").await.0, 503);
-    zt.terminate(Duration::from_secs(10));
+    restart_with_sink_key(&mut zt, "allow_tls12 = true");
+    assert!(rx.wait_for(|e| e.len() >= 50, WAIT).await);
+    zt.wait_log("sink.allow_tls12 is set").await;
+}
 
+/// Stops ztail, adds `key` to its `[sink]` table and starts it again.
+fn restart_with_sink_key(zt: &mut Ztail, key: &str) {
+    zt.terminate(Duration::from_secs(10));
+    let config = std::fs::read_to_string(&zt.config_path).unwrap();
     std::fs::write(
         &zt.config_path,
-        std::fs::read_to_string(&zt.config_path)
-            .unwrap()
-            .replace("[sink]\n", "[sink]\nallow_tls12 = true\n"),
+        config.replace("[sink]\n", &format!("[sink]\n{key}\n")),
     )
     .unwrap();
     zt.restart();
-    assert!(rx.wait_for(|e| e.len() >= 50, WAIT).await);
-    zt.wait_log("sink.allow_tls12 is set").await;
 }
 
 /// A minimal HTTP CONNECT proxy on loopback that records the targets it tunnelled to.
