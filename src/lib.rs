@@ -18,6 +18,7 @@ pub mod loki;
 pub mod metrics;
 pub mod pipeline;
 pub mod probe;
+pub mod stage;
 pub mod tail;
 
 use std::sync::Arc;
@@ -25,7 +26,8 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use config::{Config, IdentityConfig};
+use config::Config;
+use identity::config::IdentityConfig;
 use loki::client::Sink;
 use metrics::Metrics;
 use pipeline::ack::AckTracker;

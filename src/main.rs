@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use ztail::config::{Config, IdentityConfig, LogFormat};
+use ztail::config::{Config, LogFormat};
+use ztail::identity::config::IdentityConfig;
 
 mod status;
 
@@ -41,6 +42,23 @@ enum Command {
         #[arg(value_name = "FILE", conflicts_with = "config")]
         file: Option<PathBuf>,
     },
+    /// Feed sample lines through a source's framing and stages and print what each entry
+    /// becomes (one JSON object per entry), or why it was dropped. Keeps no state, loads no
+    /// identity, sends nothing.
+    Try {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// The source whose framing and stages to use (default: the first).
+        #[arg(short, long, value_name = "NAME")]
+        source: Option<String>,
+        /// The path the input is taken to be read from (for `filename` and path labels);
+        /// default: FILE, or the source's first include pattern for stdin.
+        #[arg(long, value_name = "PATH")]
+        path: Option<PathBuf>,
+        /// Sample input (default: stdin).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
     /// Show a running ztail's state: identity, sink, files (reads its admin endpoint).
     Status {
         /// The config of the running ztail (for its admin address).
@@ -66,6 +84,12 @@ fn main() -> ExitCode {
             check(&path)
         }
         Command::Run { config } => run(&config),
+        Command::Try {
+            config,
+            source,
+            path,
+            file,
+        } => try_stages(&config, source.as_deref(), path, file),
         Command::Status { config, addr } => {
             let addr = match config {
                 Some(path) => match load(&path) {
@@ -134,6 +158,59 @@ fn check(path: &std::path::Path) -> ExitCode {
         config.sink.url
     );
     ExitCode::SUCCESS
+}
+
+fn try_stages(
+    config: &std::path::Path,
+    source: Option<&str>,
+    path: Option<PathBuf>,
+    file: Option<PathBuf>,
+) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let src = match source {
+        Some(name) => config.sources.iter().find(|s| s.name == name),
+        None => config.sources.first(),
+    };
+    let Some(src) = src else {
+        let names: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
+        eprintln!(
+            "ztail: no source {:?} in {}: it has {names:?}",
+            source.unwrap_or_default(),
+            config.file.display()
+        );
+        return ExitCode::from(2);
+    };
+    let input = match &file {
+        Some(f) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display())),
+        None => ztail::stage::dry_run::read_input(std::io::stdin().lock())
+            .map_err(|e| format!("cannot read stdin: {e}")),
+    };
+    let input = match input {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("ztail: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = path
+        .or(file)
+        .unwrap_or_else(|| PathBuf::from(src.include.first().cloned().unwrap_or_default()));
+    match ztail::stage::dry_run::dry_run(src, &path, &input) {
+        Ok(entries) => {
+            for e in entries {
+                // A value of plain strings and maps always serialises.
+                println!("{}", serde_json::to_string(&e).unwrap_or_default());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ztail: cannot frame the input: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run(path: &std::path::Path) -> ExitCode {

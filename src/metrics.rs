@@ -75,6 +75,23 @@ pub struct ProbeKindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceReasonLabel {
+    pub source: LabelValue,
+    pub reason: LabelValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceRuleLabel {
+    pub source: LabelValue,
+    pub rule: LabelValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: LabelValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabel {
     pub path: LabelValue,
 }
@@ -91,6 +108,10 @@ pub struct Metrics {
     pub file_truncations: Counter,
     pub rotated_files_found: Counter,
     pub files_skipped: Family<ReasonLabel, Counter>,
+    pub stage_dropped: Family<SourceReasonLabel, Counter>,
+    pub redactions: Family<SourceRuleLabel, Counter>,
+    pub label_overflows: Family<SourceLabel, Counter>,
+    pub stage_holds: Counter,
     pub entries_sent: Counter,
     pub bytes_sent: Counter,
     pub push_requests: Family<StatusLabel, Counter>,
@@ -125,6 +146,10 @@ impl Metrics {
             file_truncations: Counter::default(),
             rotated_files_found: Counter::default(),
             files_skipped: Family::default(),
+            stage_dropped: Family::default(),
+            redactions: Family::default(),
+            label_overflows: Family::default(),
+            stage_holds: Counter::default(),
             entries_sent: Counter::default(),
             bytes_sent: Counter::default(),
             push_requests: Family::default(),
@@ -185,6 +210,26 @@ impl Metrics {
             "files_skipped",
             "Paths matching a glob that are not read, by reason (each counted once)",
             m.files_skipped.clone(),
+        );
+        registry.register(
+            "stage_dropped",
+            "Entries a stage dropped on purpose (their positions are acknowledged like shipped ones), by source and reason",
+            m.stage_dropped.clone(),
+        );
+        registry.register(
+            "redactions",
+            "Secrets replaced by a redaction rule, by source and rule",
+            m.redactions.clone(),
+        );
+        registry.register(
+            "label_overflows",
+            "Entries whose stage label value was beyond the label's max_values (kept as metadata or the overflow value), by source",
+            m.label_overflows.clone(),
+        );
+        registry.register(
+            "stage_holds",
+            "Times a limit stage held a file back (it stopped reading until its stream was under the rate)",
+            m.stage_holds.clone(),
         );
         registry.register(
             "entries_sent",
@@ -336,6 +381,35 @@ impl Metrics {
         if stats.ts_clamped > 0 {
             self.timestamps_clamped.inc_by(stats.ts_clamped);
         }
+    }
+
+    /// The counter of entries a stage of `source` drops for `reason`.
+    pub fn stage_dropped(&self, source: &str, reason: &str) -> Counter {
+        self.stage_dropped
+            .get_or_create(&SourceReasonLabel {
+                source: source.into(),
+                reason: reason.into(),
+            })
+            .clone()
+    }
+
+    /// The counter of secrets `rule` replaced in entries of `source`.
+    pub fn redaction(&self, source: &str, rule: &str) -> Counter {
+        self.redactions
+            .get_or_create(&SourceRuleLabel {
+                source: source.into(),
+                rule: rule.into(),
+            })
+            .clone()
+    }
+
+    /// The counter of stage label values of `source` beyond their `max_values`.
+    pub fn label_overflow(&self, source: &str) -> Counter {
+        self.label_overflows
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .clone()
     }
 
     /// Entries that will never reach Loki, by reason.

@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
                 cursor: cursor.clone(),
                 data: bytes::Bytes::from(bytes),
                 entries,
-                meta,
+                meta: meta.into(),
                 meta_names: names.clone(),
                 end: Position::default(),
                 caught_up: false,

@@ -15,6 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+pub mod config;
 pub mod files;
 pub mod policy;
 pub mod spiffe_id;

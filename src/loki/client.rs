@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::encode;
-use crate::config::{BodyFormat, SinkConfig};
 use crate::identity::{Identity, IdentityWatch, Refusal};
+use crate::loki::config::{BodyFormat, SinkConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::ack::AckTracker;
 use crate::pipeline::{Batch, lock};
@@ -206,7 +206,8 @@ impl Sink {
                 return false;
             };
             let body_len = body.len() as u64;
-            match self.push(bytes::Bytes::from(body)).await {
+            let tenant = part.tenant.as_deref().or(self.settings.tenant.as_deref());
+            match self.push(bytes::Bytes::from(body), tenant).await {
                 Outcome::Stored => {
                     self.metrics.entries_sent.inc_by(part.entries as u64);
                     self.metrics.bytes_sent.inc_by(body_len);
@@ -257,7 +258,7 @@ impl Sink {
     }
 
     /// Sends one body until Loki gives a final answer or the sink is stopped.
-    async fn push(&self, body: bytes::Bytes) -> Outcome {
+    async fn push(&self, body: bytes::Bytes, tenant: Option<&str>) -> Outcome {
         let mut identity = self.identity.clone();
         let mut attempt: u32 = 0;
         loop {
@@ -282,7 +283,7 @@ impl Sink {
                             },
                         )
                         .body(body.clone());
-                    if let Some(t) = &self.settings.tenant {
+                    if let Some(t) = tenant {
                         req = req.header("X-Scope-OrgID", t);
                     }
                     let result = tokio::select! {

@@ -412,7 +412,7 @@ mod tests {
                 cursor: cursor.clone(),
                 data: bytes::Bytes::from(data),
                 entries,
-                meta: Vec::new(),
+                meta: Vec::new().into(),
                 meta_names: Vec::new().into(),
                 end: Position::default(),
                 caught_up: false,

@@ -2,5 +2,6 @@
 //! retries over mutual TLS (I/O).
 
 pub mod client;
+pub mod config;
 pub mod encode;
 pub mod labels;

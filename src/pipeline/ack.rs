@@ -7,7 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use super::{Cursor, Position, lock};
 
-/// Tracks batches from registration (in send order) to acknowledgement.
+/// Tracks batches from the first chunk they take to their acknowledgement.
+///
+/// A file's positions are queued in the order its chunks were read, whichever batch each
+/// joins: with several batches open at once (one per tenant), a later chunk of a file may
+/// be sent before an earlier one, and the committed position still passes only the
+/// acknowledged prefix.
 #[derive(Default)]
 pub struct AckTracker {
     inner: Mutex<Inner>,
@@ -16,23 +21,46 @@ pub struct AckTracker {
 #[derive(Default)]
 struct Inner {
     next_seq: u64,
-    /// Batch sequence number → (files it carried a position for, acknowledged?).
+    /// Batch sequence number → (one entry per position of it still queued by a file,
+    /// acknowledged?).
     batches: HashMap<u64, (Vec<Arc<Cursor>>, bool)>,
 }
 
 impl AckTracker {
-    /// Registers a batch's positions and returns its sequence number. Must be called in the
-    /// order in which the batches' chunks were read.
-    pub fn register(&self, positions: Vec<(Arc<Cursor>, Position)>) -> u64 {
+    /// Opens a batch: positions are added to it as its chunks arrive.
+    pub fn open(&self) -> u64 {
         let mut inner = lock(&self.inner);
         let seq = inner.next_seq;
         inner.next_seq += 1;
-        let mut files = Vec::with_capacity(positions.len());
-        for (cursor, pos) in positions {
-            lock(&cursor.pending).push_back((seq, pos));
-            files.push(cursor);
+        inner.batches.insert(seq, (Vec::new(), false));
+        seq
+    }
+
+    /// Queues a file position carried by a chunk of batch `seq`. Must be called in the order
+    /// in which each file's chunks were read.
+    pub fn add(&self, seq: u64, cursor: &Arc<Cursor>, pos: Position) {
+        let mut inner = lock(&self.inner);
+        let Some(batch) = inner.batches.get_mut(&seq) else {
+            return;
+        };
+        let mut pending = lock(&cursor.pending);
+        match pending.back_mut() {
+            // Consecutive chunks of a file in the same batch: the later position stands for
+            // both.
+            Some(back) if back.0 == seq => back.1 = pos,
+            _ => {
+                pending.push_back((seq, pos));
+                batch.0.push(cursor.clone());
+            }
         }
-        inner.batches.insert(seq, (files, false));
+    }
+
+    /// Registers a whole batch's positions at once and returns its sequence number.
+    pub fn register(&self, positions: Vec<(Arc<Cursor>, Position)>) -> u64 {
+        let seq = self.open();
+        for (cursor, pos) in positions {
+            self.add(seq, &cursor, pos);
+        }
         seq
     }
 
@@ -45,6 +73,10 @@ impl AckTracker {
         };
         entry.1 = true;
         let files = entry.0.clone();
+        if files.is_empty() {
+            inner.batches.remove(&seq);
+            return;
+        }
         for cursor in files {
             let mut pending = lock(&cursor.pending);
             while let Some(&(front, pos)) = pending.front() {
@@ -56,7 +88,9 @@ impl AckTracker {
                 *lock(&cursor.committed) = pos;
                 // Forget a batch once no file still queues a position of it.
                 if let Some(b) = inner.batches.get_mut(&front) {
-                    b.0.retain(|c| !Arc::ptr_eq(c, &cursor));
+                    if let Some(i) = b.0.iter().position(|c| Arc::ptr_eq(c, &cursor)) {
+                        b.0.swap_remove(i);
+                    }
                     if b.0.is_empty() {
                         inner.batches.remove(&front);
                     }
@@ -98,6 +132,36 @@ mod tests {
         assert_eq!(a.committed().offset, 30);
         assert_eq!(b.committed().offset, 9);
         assert!(a.is_settled() && b.is_settled());
+        assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_file_in_two_open_batches_commits_in_read_order() {
+        // Two tenants' batches open at once: chunk 1 (A), chunk 2 (B), chunk 3 (A).
+        let t = AckTracker::default();
+        let f = Arc::new(Cursor::new(pos(0)));
+        let a = t.open();
+        let b = t.open();
+        t.add(a, &f, pos(10));
+        t.add(b, &f, pos(20));
+        t.add(a, &f, pos(30));
+        t.ack(b);
+        assert_eq!(f.committed().offset, 0, "chunk 1 is not acknowledged");
+        t.ack(a);
+        assert_eq!(f.committed().offset, 30);
+        assert!(f.is_settled());
+        assert_eq!(t.outstanding(), 0);
+
+        // The other way round: A acknowledged first commits chunk 1 only.
+        let a = t.open();
+        let b = t.open();
+        t.add(a, &f, pos(40));
+        t.add(b, &f, pos(50));
+        t.add(a, &f, pos(60));
+        t.ack(a);
+        assert_eq!(f.committed().offset, 40);
+        t.ack(b);
+        assert_eq!(f.committed().offset, 60);
         assert_eq!(t.outstanding(), 0);
     }
 

@@ -25,36 +25,63 @@ pub struct Batcher {
 
 impl Batcher {
     /// Runs until every sender is gone (the tailers stopped), then flushes what is left.
+    ///
+    /// One batch is filled per tenant (a request carries one `X-Scope-OrgID`); each flushes on
+    /// its own size and age.
     pub async fn run(mut self) {
-        let mut batch = Batch::new();
+        let mut open: Vec<Batch> = Vec::new();
         loop {
-            let deadline = tokio::time::Instant::from_std(batch.opened) + self.batch_wait;
+            let oldest = open.iter().map(|b| b.opened).min();
+            let deadline = oldest.map(|o| tokio::time::Instant::from_std(o) + self.batch_wait);
             tokio::select! {
                 chunk = self.rx.recv() => match chunk {
                     Some(chunk) => {
                         let caught_up = chunk.caught_up;
+                        let tenant = chunk.stream.tenant.clone();
+                        let i = match open.iter().position(|b| b.tenant == tenant) {
+                            Some(i) => i,
+                            None => {
+                                let mut b = Batch::new();
+                                b.tenant = tenant;
+                                b.seq = self.tracker.open();
+                                open.push(b);
+                                open.len() - 1
+                            }
+                        };
+                        let batch = &mut open[i];
+                        self.tracker.add(batch.seq, &chunk.cursor, chunk.end);
                         batch.push(chunk);
                         if batch.line_bytes >= self.batch_bytes || caught_up {
-                            self.flush(std::mem::take(&mut batch)).await;
+                            let batch = open.swap_remove(i);
+                            self.flush(batch).await;
                         }
                     }
                     None => break,
                 },
-                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {
-                    self.flush(std::mem::take(&mut batch)).await;
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    let now = std::time::Instant::now();
+                    let mut i = 0;
+                    while i < open.len() {
+                        if now >= open[i].opened + self.batch_wait {
+                            let batch = open.swap_remove(i);
+                            self.flush(batch).await;
+                        } else {
+                            i += 1;
+                        }
+                    }
                 }
             }
         }
-        if !batch.is_empty() {
+        for batch in open {
             self.flush(batch).await;
         }
     }
 
     async fn flush(&self, batch: Batch) {
-        let seq = self.tracker.register(batch.positions());
+        let seq = batch.seq;
         if batch.entries == 0 {
-            // Only positions (a discarded over-long line, say): nothing to send, but the
-            // position must still wait for earlier batches of the same file.
+            // Only positions (a discarded over-long line, entries a stage dropped): nothing
+            // to send, but the positions must still wait for earlier batches of their files.
             self.tracker.ack(seq);
             return;
         }
@@ -63,5 +90,12 @@ impl Batcher {
             return;
         };
         self.sink.clone().spawn_send(seq, batch, permit);
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }

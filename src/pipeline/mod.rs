@@ -9,7 +9,7 @@
 pub mod ack;
 pub mod batcher;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -76,17 +76,28 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Stream {
     pub labels: String,
     pub label_pairs: Vec<(String, String)>,
+    /// The tenant a `tenant` stage chose (`X-Scope-OrgID`); `None` for the sink's.
+    pub tenant: Option<Arc<str>>,
+    /// Labels and tenant: what tells streams apart.
+    pub key: String,
     clock: AtomicI64,
 }
 
 impl Stream {
     pub fn new(labels: &crate::loki::labels::LabelSet) -> Self {
+        Stream::with_tenant(labels, None)
+    }
+
+    pub fn with_tenant(labels: &crate::loki::labels::LabelSet, tenant: Option<Arc<str>>) -> Self {
+        let rendered = labels.render();
         Stream {
-            labels: labels.render(),
+            key: stream_key(&rendered, tenant.as_deref()),
+            labels: rendered,
             label_pairs: labels
                 .iter()
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
+            tenant,
             clock: AtomicI64::new(0),
         }
     }
@@ -111,6 +122,34 @@ impl Stream {
     }
 }
 
+fn stream_key(labels: &str, tenant: Option<&str>) -> String {
+    match tenant {
+        Some(t) => format!("{labels}\u{0}{t}"),
+        None => labels.to_owned(),
+    }
+}
+
+/// Every stream ztail has made, so that the files feeding a stream (a rotated file and its
+/// successor, two files whose stages set the same labels) share its clock.
+#[derive(Debug, Default)]
+pub struct Streams {
+    known: Mutex<HashMap<String, Arc<Stream>>>,
+}
+
+impl Streams {
+    pub fn get(
+        &self,
+        labels: &crate::loki::labels::LabelSet,
+        tenant: Option<Arc<str>>,
+    ) -> Arc<Stream> {
+        let key = stream_key(&labels.render(), tenant.as_deref());
+        lock(&self.known)
+            .entry(key)
+            .or_insert_with(|| Arc::new(Stream::with_tenant(labels, tenant)))
+            .clone()
+    }
+}
+
 /// One log entry of a [`Chunk`]: its text in the chunk's data, its timestamp and its
 /// structured metadata (a range of the chunk's `meta`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,8 +160,9 @@ pub struct Entry {
     pub ts: i64,
     pub meta_start: u32,
     pub meta_len: u16,
-    /// Which of the file's streams the entry belongs to (CRI/Docker `stream` as a label).
-    pub sub: u8,
+    /// Which of the file's streams the entry belongs to: its CRI/Docker `stream` when that is
+    /// a label, then the route the stages chose ([`crate::stage::Runner::routes`]).
+    pub sub: u16,
 }
 
 impl Entry {
@@ -164,7 +204,7 @@ pub struct Chunk {
     pub cursor: Arc<Cursor>,
     pub data: Bytes,
     pub entries: Vec<Entry>,
-    pub meta: Vec<Meta>,
+    pub meta: Arc<[Meta]>,
     pub meta_names: Arc<[String]>,
     /// The file position after the last byte this chunk consumed.
     pub end: Position,
@@ -233,6 +273,10 @@ impl StreamBatch {
 #[derive(Debug)]
 pub struct Batch {
     pub streams: Vec<StreamBatch>,
+    /// Every stream of a batch has this tenant (`None`: the sink's).
+    pub tenant: Option<Arc<str>>,
+    /// The batch's number in the [`ack::AckTracker`].
+    pub seq: u64,
     pub line_bytes: usize,
     pub entries: usize,
     pub opened: Instant,
@@ -242,6 +286,8 @@ impl Batch {
     pub fn new() -> Self {
         Batch {
             streams: Vec::new(),
+            tenant: None,
+            seq: 0,
             line_bytes: 0,
             entries: 0,
             opened: Instant::now(),
@@ -293,6 +339,8 @@ impl Batch {
         let half = self.entries / 2;
         let mut first = Batch::new();
         let mut second = Batch::new();
+        first.tenant = self.tenant.clone();
+        second.tenant = self.tenant.clone();
         let mut taken = 0;
         for s in self.streams {
             for mut c in s.chunks {

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{SourceConfig, StartAt};
 use crate::identity::PeerPolicy;
 use crate::loki::labels::{self, LabelSet};
+use crate::tail::config::{SourceConfig, StartAt};
 use crate::tail::format::{Framing, TimestampRule};
 use crate::tail::timestamp::TsFormat;
 
@@ -399,6 +399,7 @@ impl ProbeConfig {
             framing: Arc::new(spool_framing()),
             path_labels: None,
             follow_symlinks_under: Vec::new(),
+            stages: None,
         }
     }
 }

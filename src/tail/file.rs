@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use super::reader::{FileReader, ReadLines};
 use super::{FileState, Tailer, TrackedFile};
-use crate::pipeline::{Chunk, Entry, Meta, Position};
+use crate::pipeline::{Chunk, Entry, Meta, Position, Stream};
+use crate::stage::Runner;
 
 /// How often an idle file is checked when no inotify event arrives (events can be dropped).
 const POLL: Duration = Duration::from_millis(500);
@@ -31,6 +32,16 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
     let mut rotated_since: Option<Instant> = None;
     let cancel = ctx.tailer.cancel.clone();
     let metrics = ctx.tailer.metrics.clone();
+    let mut stages = file.stages.clone().map(|p| {
+        Runner::new(
+            p,
+            &file.streams,
+            &ctx.tailer.streams,
+            file.framing_meta,
+            &file.source,
+            &metrics,
+        )
+    });
     'outer: loop {
         if cancel.is_cancelled() {
             break;
@@ -66,7 +77,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             reader = Some(r);
             match result {
                 Ok(Some(lines)) => {
-                    let sent = send(&file, &ctx, lines, &mut last_end).await;
+                    let sent = send(&file, &ctx, &mut stages, lines, &mut last_end).await;
                     drop(permit);
                     if !sent {
                         break 'outer;
@@ -122,7 +133,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             && let Some(lines) = r.flush_partial()
         {
             partial_since = None;
-            if !send(&file, &ctx, lines, &mut last_end).await {
+            if !send(&file, &ctx, &mut stages, lines, &mut last_end).await {
                 break;
             }
             continue;
@@ -144,7 +155,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             });
             if since.elapsed() >= ctx.rotate_wait {
                 if let Some(lines) = r.flush_partial() {
-                    send(&file, &ctx, lines, &mut last_end).await;
+                    send(&file, &ctx, &mut stages, lines, &mut last_end).await;
                 }
                 break;
             }
@@ -177,16 +188,18 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
 fn send<'a>(
     file: &'a TrackedFile,
     ctx: &'a Context,
+    stages: &'a mut Option<Runner>,
     lines: ReadLines,
     last_end: &'a mut Position,
 ) -> Pin<Box<impl Future<Output = bool> + 'a>> {
-    Box::pin(queue(file, ctx, lines, last_end))
+    Box::pin(queue(file, ctx, stages, lines, last_end))
 }
 
 /// [`send`], unboxed.
 async fn queue(
     file: &TrackedFile,
     ctx: &Context,
+    stages: &mut Option<Runner>,
     lines: ReadLines,
     last_end: &mut Position,
 ) -> bool {
@@ -199,59 +212,51 @@ async fn queue(
     }
     metrics.record_framing(&lines.stats);
     let mut entries = lines.entries;
+    let mut data = lines.data;
+    let mut meta = lines.meta;
+    // The stages: entries dropped or rewritten, each routed to its stream. The position is
+    // this read's end whatever is left.
+    let mut hold = Duration::ZERO;
+    let routes: &[Arc<Stream>] = match stages {
+        Some(runner) => {
+            let now = crate::pipeline::unix_nanos();
+            hold = runner.apply(&mut data, &mut entries, &mut meta, &ctx.tailer.streams, now);
+            runner.routes()
+        }
+        None => &file.streams,
+    };
     // Entries without a timestamp of their own get the read time, strictly increasing per
     // stream so that Loki keeps their order.
-    let subs = file.streams.len();
-    let mut unstamped = [0usize; 2];
-    for e in entries.iter().filter(|e| e.ts == 0) {
-        unstamped[e.sub as usize] += 1;
-    }
-    let mut next = [0i64; 2];
-    for ((slot, n), stream) in next.iter_mut().zip(unstamped).zip(&file.streams) {
-        if n > 0 {
-            *slot = stream.reserve_timestamps(n);
-        }
-    }
-    for e in entries.iter_mut().filter(|e| e.ts == 0) {
-        e.ts = next[e.sub as usize];
-        next[e.sub as usize] += 1;
-    }
+    stamp(&mut entries, routes);
 
     // A read buffer mostly empty (a small file, a slow writer) would pin its whole capacity
     // until the batch is acknowledged; batches gather many such chunks.
-    let mut data = lines.data;
     if data.capacity() > 2 * data.len() + 4096 {
         data.shrink_to_fit();
     }
     let data = bytes::Bytes::from(data);
+    let meta: Arc<[Meta]> = meta.into();
     // Every chunk starts at the previous read's end; the last one is given this read's.
-    let chunk = |sub: usize, entries: Vec<Entry>, meta: Vec<Meta>| Chunk {
-        stream: file.streams[sub].clone(),
+    let chunk = |sub: usize, entries: Vec<Entry>| Chunk {
+        stream: routes[sub].clone(),
         cursor: file.cursor.clone(),
         data: data.clone(),
         entries,
-        meta,
+        meta: meta.clone(),
         meta_names: file.meta_names.clone(),
         end: *last_end,
         caught_up: false,
     };
     let first_sub = entries.first().map_or(0, |e| e.sub as usize);
     let mut chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
-        vec![chunk(first_sub, entries, lines.meta)]
+        vec![chunk(first_sub, entries)]
     } else {
-        // One chunk per stream.
-        let mut parts = Vec::with_capacity(subs);
-        for sub in 0..subs {
-            let part: Vec<Entry> = entries
-                .iter()
-                .filter(|e| e.sub as usize == sub)
-                .copied()
-                .collect();
-            if !part.is_empty() {
-                parts.push(chunk(sub, part, lines.meta.clone()));
-            }
-        }
-        parts
+        // One chunk per stream, each keeping its entries' order.
+        entries.sort_by_key(|e| e.sub);
+        entries
+            .chunk_by(|a, b| a.sub == b.sub)
+            .map(|run| chunk(run[0].sub as usize, run.to_vec()))
+            .collect::<Vec<_>>()
     };
     // Only the last chunk carries the new position (the file's committed position cannot pass
     // this read until every one of them is acknowledged) and whether the read ended a backlog.
@@ -271,5 +276,49 @@ async fn queue(
             return false;
         }
     }
+    // A `limit` stage holding this file back: it reads nothing more until the stream is under
+    // its rate (its chunk is queued, so what was read is not held in memory twice).
+    if !hold.is_zero() {
+        ctx.tailer.metrics.stage_holds.inc();
+        tokio::select! {
+            _ = tokio::time::sleep(hold) => {}
+            _ = ctx.tailer.cancel.cancelled() => {}
+        }
+    }
     true
+}
+
+/// Stamps entries without a timestamp of their own with the read time, strictly increasing
+/// per stream.
+fn stamp(entries: &mut [Entry], routes: &[Arc<Stream>]) {
+    if routes.len() <= 2 {
+        let mut unstamped = [0usize; 2];
+        for e in entries.iter().filter(|e| e.ts == 0) {
+            unstamped[e.sub as usize] += 1;
+        }
+        let mut next = [0i64; 2];
+        for ((slot, n), stream) in next.iter_mut().zip(unstamped).zip(routes) {
+            if n > 0 {
+                *slot = stream.reserve_timestamps(n);
+            }
+        }
+        for e in entries.iter_mut().filter(|e| e.ts == 0) {
+            e.ts = next[e.sub as usize];
+            next[e.sub as usize] += 1;
+        }
+        return;
+    }
+    let mut unstamped = vec![0usize; routes.len()];
+    for e in entries.iter().filter(|e| e.ts == 0) {
+        unstamped[e.sub as usize] += 1;
+    }
+    let mut next: Vec<i64> = unstamped
+        .iter()
+        .zip(routes)
+        .map(|(&n, s)| if n > 0 { s.reserve_timestamps(n) } else { 0 })
+        .collect();
+    for e in entries.iter_mut().filter(|e| e.ts == 0) {
+        e.ts = next[e.sub as usize];
+        next[e.sub as usize] += 1;
+    }
 }

@@ -567,7 +567,7 @@ impl Framer {
                 ts,
                 meta_start: meta_start as u32,
                 meta_len: (out.meta.len() - meta_start) as u16,
-                sub: if stream_label { p.key } else { 0 },
+                sub: if stream_label { p.key as u16 } else { 0 },
             });
         }
     }
@@ -719,7 +719,7 @@ mod tests {
     }
 
     /// An entry as the tests see it: text, timestamp, metadata, stream key.
-    type Seen = (String, i64, Vec<(String, String)>, u8);
+    type Seen = (String, i64, Vec<(String, String)>, u16);
 
     /// Frames `input`; returns the entries, the carry and the stats.
     fn frame(framer: &mut Framer, input: &[u8], all: bool) -> (Vec<Seen>, Vec<u8>, FrameStats) {

@@ -12,6 +12,7 @@
 //! (see [`reader`]) or know about Loki (it hands [`Chunk`]s to the pipeline).
 
 pub mod checkpoint;
+pub mod config;
 mod file;
 pub mod format;
 pub mod reader;
@@ -34,10 +35,10 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{SourceConfig, StartAt, TailConfig};
-use crate::loki::labels::FILENAME;
+use crate::loki::labels::{FILENAME, LabelSet};
 use crate::metrics::{Metrics, PathLabel};
-use crate::pipeline::{Chunk, Cursor, Position, Stream, lock};
+use crate::pipeline::{Chunk, Cursor, Position, Stream, Streams, lock};
+use crate::tail::config::{SourceConfig, StartAt, TailConfig};
 use checkpoint::{Entry, StateDir};
 use reader::{FileReader, hash, read_head};
 
@@ -66,6 +67,10 @@ pub struct TrackedFile {
     /// The file's Loki streams: one, or stdout and stderr when the stream is a label.
     streams: Vec<Arc<Stream>>,
     meta_names: Arc<[String]>,
+    /// The source's stages, if it has any.
+    stages: Option<Arc<crate::stage::Pipeline>>,
+    /// How many of `meta_names` the framing sets (the stages' follow).
+    framing_meta: usize,
     read_offset: AtomicU64,
     size: AtomicU64,
     head: Mutex<(u32, u64)>,
@@ -167,7 +172,7 @@ pub struct Tailer {
     metrics: Arc<Metrics>,
     state_dir: StateDir,
     files: Mutex<Registry>,
-    streams: Mutex<HashMap<String, Arc<Stream>>>,
+    streams: Streams,
     /// Checkpoints loaded at start and not yet claimed by a file.
     resume: Mutex<HashMap<(u64, u64), Entry>>,
     /// Symlinks not followed, reported once each.
@@ -200,7 +205,7 @@ impl Tailer {
             metrics,
             state_dir,
             files: Mutex::default(),
-            streams: Mutex::default(),
+            streams: Streams::default(),
             resume: Mutex::new(loaded.entries),
             skipped: Mutex::default(),
             first_start: AtomicBool::new(loaded.first_start),
@@ -467,7 +472,9 @@ impl Tailer {
             path: Mutex::new(path.clone()),
             cursor: Arc::new(Cursor::new(start)),
             streams,
-            meta_names: src.framing.meta_names().into(),
+            meta_names: src.meta_names().into(),
+            stages: src.stages.clone(),
+            framing_meta: src.framing.meta_names().len(),
             read_offset: AtomicU64::new(start.offset),
             size: AtomicU64::new(fmeta.len()),
             head: Mutex::new(reader.fingerprint()),
@@ -643,38 +650,11 @@ impl Tailer {
         false
     }
 
-    /// The Loki streams of a file: the source's static labels, `filename`, the labels captured
-    /// from the path, and `stream` when CRI/Docker streams are labels.
+    /// The Loki streams of a file (see [`label_sets`]).
     fn streams_for(&self, src: &SourceConfig, path: &Path) -> Vec<Arc<Stream>> {
-        let path = path.to_string_lossy();
-        let mut labels = src.labels.with(FILENAME, &path);
-        if let Some(re) = &src.path_labels
-            && let Some(caps) = re.captures(&path)
-        {
-            for name in re.capture_names().flatten() {
-                // Values are escaped when rendered; invalid ones (empty, too long) are left out.
-                if let Some(m) = caps.name(name)
-                    && crate::loki::labels::validate_value(m.as_str()).is_ok()
-                {
-                    labels = labels.with(name, m.as_str());
-                }
-            }
-        }
-        let sets = match src.framing.stream_label() {
-            true => format::STREAMS
-                .iter()
-                .map(|s| labels.with(format::STREAM, s))
-                .collect(),
-            false => vec![labels],
-        };
-        let mut known = lock(&self.streams);
-        sets.into_iter()
-            .map(|set| {
-                known
-                    .entry(set.render())
-                    .or_insert_with(|| Arc::new(Stream::new(&set)))
-                    .clone()
-            })
+        label_sets(src, path)
+            .into_iter()
+            .map(|set| self.streams.get(&set, None))
             .collect()
     }
 
@@ -887,6 +867,33 @@ fn watch_root(pattern: &str) -> (PathBuf, bool) {
     let dir = comps[..first_glob].join("/");
     let dir = if dir.is_empty() { "/".to_owned() } else { dir };
     (PathBuf::from(dir), first_glob < comps.len() - 1)
+}
+
+/// The label sets of a file's streams: the source's static labels, `filename`, the labels
+/// captured from the path, and `stream` when CRI/Docker streams are labels (then two sets,
+/// stdout's and stderr's, which a framed entry's `sub` indexes).
+pub fn label_sets(src: &SourceConfig, path: &Path) -> Vec<LabelSet> {
+    let path = path.to_string_lossy();
+    let mut labels = src.labels.with(FILENAME, &path);
+    if let Some(re) = &src.path_labels
+        && let Some(caps) = re.captures(&path)
+    {
+        for name in re.capture_names().flatten() {
+            // Values are escaped when rendered; invalid ones (empty, too long) are left out.
+            if let Some(m) = caps.name(name)
+                && crate::loki::labels::validate_value(m.as_str()).is_ok()
+            {
+                labels = labels.with(name, m.as_str());
+            }
+        }
+    }
+    match src.framing.stream_label() {
+        true => format::STREAMS
+            .iter()
+            .map(|s| labels.with(format::STREAM, s))
+            .collect(),
+        false => vec![labels],
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use super::reader::FileReader;
 use crate::pipeline::Position;
 
 /// One expected entry: its stream key and text.
-type Expected = (u8, String);
+type Expected = (u16, String);
 
 /// A CRI file: entries of 1–4 records (P… F), two streams interleaved record by record.
 fn cri_file(rng: &mut fastrand::Rng) -> (Vec<u8>, Vec<Expected>) {
@@ -26,7 +26,7 @@ fn cri_file(rng: &mut fastrand::Rng) -> (Vec<u8>, Vec<Expected>) {
     let mut pending: [Vec<Vec<String>>; 2] = Default::default();
     let mut expected = Vec::new();
     for i in 0..n {
-        let key = rng.u8(0..2);
+        let key = rng.u16(0..2);
         let parts = rng.usize(1..5);
         let pieces: Vec<String> = (0..parts)
             .map(|p| format!("e{i}p{p}{}", "x".repeat(rng.usize(0..30))))
@@ -204,7 +204,7 @@ fn check(seed: u64, expected: &[Expected], got: &[Expected], crashes: usize) {
         );
     }
     // Each stream in order: first arrivals follow the written order.
-    for key in 0..2u8 {
+    for key in 0..2u16 {
         let mut first = Vec::new();
         let mut dedup = HashSet::new();
         for g in got.iter().filter(|g| g.0 == key) {

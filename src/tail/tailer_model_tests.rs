@@ -8,6 +8,12 @@
 //! end every line written must have arrived whole; without a crash, exactly once and in order;
 //! with crashes, each file rewinds at most once per crash.
 //!
+//! Two cases in three run the source with stages: a `drop` of the lines whose number ends in
+//! a random set of digits, and in one of those a `template` that rewrites every kept line.
+//! Then a dropped line must never arrive (not even after a crash), every kept line arrives
+//! rewritten, and the checkpoints pass dropped lines (else a restart would send kept ones
+//! twice).
+//!
 //! `ZTAIL_TAILER_CASES=10000 ZTAIL_TAILER_JOBS=16 cargo test --lib tailer_model` runs the long
 //! mode (cases mostly sleep, so they run 16 at a time); each case prints its seed on failure,
 //! and `ZTAIL_TAILER_SEED=<n>[,<n>...]` replays them.
@@ -24,11 +30,11 @@ use tokio_util::sync::CancellationToken;
 use super::Tailer;
 use super::checkpoint::StateDir;
 use super::format::Framing;
-use crate::config::{SourceConfig, StartAt, TailConfig};
 use crate::loki::labels::LabelSet;
 use crate::metrics::Metrics;
 use crate::pipeline::ack::AckTracker;
 use crate::pipeline::{Batch, Chunk};
+use crate::tail::config::{SourceConfig, StartAt, TailConfig};
 
 /// Lines stored by the sink, with the order in which their chunks were read (a counter over
 /// all instances): Loki orders a stream by timestamp, which follows read order.
@@ -61,6 +67,56 @@ struct Instance {
     sink: tokio::task::JoinHandle<()>,
 }
 
+/// The stages a case runs, and what they do to a line.
+#[derive(Clone, Default)]
+struct Stages {
+    /// Lines whose number ends in one of these digits are dropped.
+    drop_digits: String,
+    /// Kept lines become `<line>`.
+    wrap: bool,
+}
+
+impl Stages {
+    fn of_seed(seed: u64) -> Stages {
+        let mut rng = fastrand::Rng::with_seed(seed ^ 0x57a6e);
+        match seed % 3 {
+            0 => Stages::default(),
+            mode => Stages {
+                drop_digits: (0..rng.usize(1..4))
+                    .map(|_| char::from(b'0' + rng.u8(0..10)))
+                    .collect(),
+                wrap: mode == 2,
+            },
+        }
+    }
+
+    fn pipeline(&self) -> Option<Arc<crate::stage::Pipeline>> {
+        if self.drop_digits.is_empty() {
+            return None;
+        }
+        let mut toml = format!(
+            "[[sources.stages]]\ntype = \"drop\"\nline = 'n\\d{{5}}[{}]$'\nreason = \"model\"\n",
+            self.drop_digits
+        );
+        if self.wrap {
+            toml.push_str("[[sources.stages]]\ntype = \"template\"\nline = \"<{{ .Entry }}>\"\n");
+        }
+        Some(crate::stage::test_pipeline(&toml))
+    }
+
+    /// What a written line arrives as, or `None` when it is dropped.
+    fn ships(&self, line: &str) -> Option<String> {
+        if line.ends_with(|c| self.drop_digits.contains(c)) {
+            return None;
+        }
+        Some(if self.wrap {
+            format!("<{line}>")
+        } else {
+            line.to_owned()
+        })
+    }
+}
+
 /// A raw source over `dir/app.log*` (the rotation tests use it too).
 pub(super) fn source(dir: &Path) -> SourceConfig {
     SourceConfig {
@@ -74,10 +130,13 @@ pub(super) fn source(dir: &Path) -> SourceConfig {
         framing: Arc::new(Framing::raw(1 << 16)),
         path_labels: None,
         follow_symlinks_under: Vec::new(),
+        stages: None,
     }
 }
 
 fn start(dir: &Path, state: &Path, received: &Received, seed: u64) -> Instance {
+    let mut src = source(dir);
+    src.stages = Stages::of_seed(seed).pipeline();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -97,7 +156,7 @@ fn start(dir: &Path, state: &Path, received: &Received, seed: u64) -> Instance {
     };
     let cancel = CancellationToken::new();
     let tailer = Tailer::new(
-        vec![source(dir)],
+        vec![src],
         TailConfig {
             rescan_interval: Duration::from_millis(100),
             checkpoint_interval: Duration::from_millis(30),
@@ -194,6 +253,7 @@ struct Writer {
     /// What the case did, for the failure message.
     log: Vec<String>,
     started: Instant,
+    stages: Stages,
 }
 
 impl Writer {
@@ -363,9 +423,12 @@ impl Writer {
     /// loss, as a real rotation scheme deletes only long-drained files).
     fn drained(&self, generation: u64, received: &Received) -> bool {
         let got = arrived(received);
-        self.written
-            .get(&generation)
-            .is_none_or(|lines| lines.iter().all(|l| got.contains(l)))
+        self.written.get(&generation).is_none_or(|lines| {
+            lines
+                .iter()
+                .filter_map(|l| self.stages.ships(l))
+                .all(|l| got.contains(&l))
+        })
     }
 }
 
@@ -386,6 +449,7 @@ fn run_case(seed: u64) -> usize {
         written: HashMap::new(),
         log: Vec::new(),
         started: Instant::now(),
+        stages: Stages::of_seed(seed),
     };
     let mut inst = Some(start(&dir, &state, &received, seed));
     let mut crashes = 0;
@@ -447,8 +511,13 @@ fn run_case(seed: u64) -> usize {
     }
     w.write_lines(1);
 
-    // Every line arrives.
-    let want: HashSet<String> = w.written.values().flatten().cloned().collect();
+    // Every line arrives (every line the stages keep, as they rewrite it).
+    let want: HashSet<String> = w
+        .written
+        .values()
+        .flatten()
+        .filter_map(|l| w.stages.ships(l))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let got = arrived(&received);
@@ -475,7 +544,8 @@ fn run_case(seed: u64) -> usize {
     for l in &got {
         assert!(
             want.contains(l),
-            "seed {seed}: {l:?} was never written whole; the case did:\n{}",
+            "seed {seed}: {l:?} was never written whole or was dropped by the stages ({:?}); the case did:\n{}",
+            w.stages.drop_digits,
             w.trace()
         );
     }
@@ -491,7 +561,11 @@ fn run_case(seed: u64) -> usize {
     // may lose acknowledgements of requests Loki stored, so the file rewinds to its last
     // checkpoint: at most one rewind per crash, and every line still arrives.
     for (generation, lines) in &w.written {
-        let prefix = format!("g{generation} ");
+        let lines: Vec<String> = lines.iter().filter_map(|l| w.stages.ships(l)).collect();
+        let prefix = match w.stages.wrap {
+            true => format!("<g{generation} "),
+            false => format!("g{generation} "),
+        };
         let arrived: Vec<&String> = got.iter().filter(|l| l.starts_with(&prefix)).collect();
         if crashes == 0 {
             let want: Vec<&String> = lines.iter().collect();

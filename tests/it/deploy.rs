@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use ztail::config::{Config, IdentityConfig};
+use ztail::config::Config;
+use ztail::identity::config::IdentityConfig;
 
 fn repo(rel: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)

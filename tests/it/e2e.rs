@@ -57,14 +57,55 @@ async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_fo
         let cri_source = format!(
             "\n[[sources]]\nname = \"pods\"\ninclude = [\"logs/pods/*/*/*.log\"]\nstart_at = \"beginning\"\nformat = \"cri\"\nstream_as = \"metadata\"\npath_labels = '/pods/(?P<namespace>[^/_]+)_(?P<pod>[^/_]+)_[^/]+/(?P<container>[^/]+)/'\nlabels = {{ job = \"{job}-cri\" }}\n"
         );
-        let config =
-            spiffe_config_with(&env, &term.url(), &spire, &job, body, &cri_source) + &probe;
+        // A source with stages: its labels and fields must be queryable in the store.
+        let staged_source = format!(
+            r#"
+[[sources]]
+name = "staged"
+include = ["logs/staged/*.log"]
+start_at = "beginning"
+labels = {{ job = "{job}-staged" }}
+[[sources.stages]]
+type = "drop"
+line = "DEBUG"
+[[sources.stages]]
+type = "json"
+fields = ["level", "msg", "user"]
+[[sources.stages]]
+type = "labels"
+fields = ["level"]
+[[sources.stages]]
+type = "metadata"
+fields = ["user"]
+[[sources.stages]]
+type = "output"
+field = "msg"
+"#
+        );
+        let config = spiffe_config_with(
+            &env,
+            &term.url(),
+            &spire,
+            &job,
+            body,
+            &format!("{cri_source}{staged_source}"),
+        ) + &probe;
         let zt = Ztail::start(&env, &config);
         let pod = env.path("logs/pods/shop_web-0_uid/nginx/0.log");
         let time = crate::rfc3339(crate::an_hour_ago() + 123_456_789);
         append_text(
             &pod,
             &format!("{time} stderr P joined \n{time} stderr F across records\n"),
+        );
+        append_text(
+            &env.path("logs/staged/app.log"),
+            concat!(
+                "DEBUG dropped on the node\n",
+                r#"{"level":"error","msg":"payment failed","user":"u-42"}"#,
+                "\n",
+                r#"{"level":"info","msg":"payment ok","user":"u-43"}"#,
+                "\n",
+            ),
         );
         let log = env.path("logs/app.log");
         std::fs::write(
@@ -104,6 +145,21 @@ async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_fo
         );
         assert_eq!(e["stream"], "stderr", "{body}: {e}");
         assert_eq!(e["agent_spiffe_id"], ZTAIL_ID, "{body}: provenance: {e}");
+        // The stages' label and metadata are fields of the store's entries.
+        let staged = vl
+            .wait_for(
+                &format!("job:={job}-staged level:=error"),
+                1,
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(staged.len(), 1, "{body}: {staged:?}");
+        assert_eq!(staged[0]["_msg"], "payment failed", "{body}: {}", staged[0]);
+        assert_eq!(staged[0]["user"], "u-42", "{body}: {}", staged[0]);
+        let all = vl
+            .wait_for(&format!("job:={job}-staged"), 2, Duration::from_secs(60))
+            .await;
+        assert_eq!(all.len(), 2, "{body}: the DEBUG line was dropped: {all:?}");
         for e in &got {
             assert_eq!(e["job"], job.as_str(), "{body}: job label");
             assert_eq!(

@@ -19,6 +19,7 @@ mod receiver_selftest;
 mod security;
 mod sink;
 mod spire;
+mod stages;
 mod workload_faults;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,226 @@
+//! The `[sink]` table: where and how ztail pushes, and which peers it accepts as Loki.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ByteSize, ConfigError, Validator, humantime_serde};
+use crate::identity::PeerPolicy;
+
+/// The push body encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyFormat {
+    /// Protobuf `PushRequest`, snappy block compressed (what Promtail and Alloy send).
+    Protobuf,
+    /// Loki's JSON body.
+    Json,
+}
+
+#[derive(Debug)]
+pub struct SinkConfig {
+    pub url: reqwest::Url,
+    pub tenant: Option<String>,
+    pub body: BodyFormat,
+    pub batch_bytes: usize,
+    pub batch_wait: Duration,
+    pub max_in_flight: usize,
+    pub timeout: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub shutdown_timeout: Duration,
+    /// Attach ztail's own SPIFFE ID to every entry as structured metadata.
+    pub provenance: bool,
+    pub policy: PeerPolicy,
+    /// An HTTP(S) proxy for pushes (CONNECT; TLS stays end to end). Never from the environment.
+    pub proxy: Option<reqwest::Url>,
+    /// Accept TLS 1.2 as well as 1.3 (off by default: TLS 1.2 sends ztail's certificate, with
+    /// its SPIFFE ID, in the clear). Applies to every connection ztail makes.
+    pub allow_tls12: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSink {
+    url: String,
+    tenant: Option<String>,
+    #[serde(default = "default_body")]
+    body: BodyFormat,
+    #[serde(default = "default_batch_bytes")]
+    batch_bytes: ByteSize,
+    #[serde(default = "default_batch_wait", with = "humantime_serde")]
+    batch_wait: Duration,
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    timeout: Duration,
+    #[serde(default = "default_min_backoff", with = "humantime_serde")]
+    min_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    max_backoff: Duration,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    shutdown_timeout: Duration,
+    #[serde(default)]
+    provenance: bool,
+    peer: Option<RawPeer>,
+    proxy: Option<String>,
+    #[serde(default)]
+    allow_tls12: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    #[serde(default)]
+    allowed_ids: Vec<String>,
+    #[serde(default)]
+    allowed_trust_domains: Vec<String>,
+    #[serde(default)]
+    allowed_path_prefixes: Vec<String>,
+}
+
+fn default_body() -> BodyFormat {
+    BodyFormat::Protobuf
+}
+fn default_batch_bytes() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_batch_wait() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_in_flight() -> usize {
+    4
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_min_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl SinkConfig {
+    pub(crate) fn validate(v: &Validator, raw: RawSink) -> Result<SinkConfig, ConfigError> {
+        let url = reqwest::Url::parse(&raw.url).map_err(|e| {
+            v.err(
+                "sink.url",
+                format!("invalid URL {:?}: {e}", without_userinfo(&raw.url)),
+            )
+        })?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(v.err(
+                "sink.url",
+                format!(
+                    "{:?} carries a user name or password: ztail authenticates to Loki with its SPIFFE identity over mutual TLS, never with a password in a URL; remove it (and change the password, it was in a config file)",
+                    without_userinfo(&raw.url)
+                ),
+            ));
+        }
+        let proxy = match &raw.proxy {
+            None => None,
+            Some(p) => {
+                let proxy = reqwest::Url::parse(p).map_err(|e| {
+                    v.err(
+                        "sink.proxy",
+                        format!("invalid URL {:?}: {e}", without_userinfo(p)),
+                    )
+                })?;
+                if !matches!(proxy.scheme(), "http" | "https") || proxy.host().is_none() {
+                    return Err(v.err(
+                        "sink.proxy",
+                        format!(
+                            "{:?} is not an http:// or https:// proxy address",
+                            without_userinfo(p)
+                        ),
+                    ));
+                }
+                if !proxy.username().is_empty() || proxy.password().is_some() {
+                    return Err(v.err(
+                        "sink.proxy",
+                        "a user name or password in the proxy URL is not supported (it would be printed and kept in memory as text); use a proxy that admits ztail's host",
+                    ));
+                }
+                Some(proxy)
+            }
+        };
+        if url.scheme() != "https" {
+            return Err(v.err(
+                "sink.url",
+                format!(
+                    "{:?} is not https: ztail only ships over mutual TLS, use https://host:port/loki/api/v1/push",
+                    raw.url
+                ),
+            ));
+        }
+        if url.host().is_none() {
+            return Err(v.err("sink.url", format!("{:?} has no host", raw.url)));
+        }
+        if let Some(t) = &raw.tenant
+            && (t.is_empty() || t.len() > 150 || t.contains(['|', '\n', '\r']))
+        {
+            return Err(v.err(
+                "sink.tenant",
+                format!("invalid tenant {t:?}: 1 to 150 characters, no '|' or line breaks"),
+            ));
+        }
+        let peer = raw.peer.ok_or_else(|| {
+            v.err(
+                "sink.peer",
+                "missing: set allowed_ids, allowed_trust_domains or allowed_path_prefixes \
+                 (ztail never trusts a peer by address; the default is deny)",
+            )
+        })?;
+        let policy = PeerPolicy::new(
+            peer.allowed_ids,
+            peer.allowed_trust_domains,
+            peer.allowed_path_prefixes,
+        )
+        .map_err(|reason| v.err("sink.peer", reason))?;
+        if raw.max_in_flight == 0 || raw.max_in_flight > 64 {
+            return Err(v.err("sink.max_in_flight", "must be between 1 and 64"));
+        }
+        if raw.min_backoff.is_zero() || raw.min_backoff > raw.max_backoff {
+            return Err(v.err(
+                "sink.min_backoff",
+                "must be above zero and not above sink.max_backoff",
+            ));
+        }
+        Ok(SinkConfig {
+            url,
+            tenant: raw.tenant,
+            body: raw.body,
+            batch_bytes: v.size_between("sink.batch_bytes", raw.batch_bytes, 1 << 10, 64 << 20)?,
+            batch_wait: v.positive("sink.batch_wait", raw.batch_wait)?,
+            max_in_flight: raw.max_in_flight,
+            timeout: v.positive("sink.timeout", raw.timeout)?,
+            min_backoff: raw.min_backoff,
+            max_backoff: raw.max_backoff,
+            shutdown_timeout: raw.shutdown_timeout,
+            provenance: raw.provenance,
+            policy,
+            proxy,
+            allow_tls12: raw.allow_tls12,
+        })
+    }
+}
+
+/// A URL as it may be printed: any `user:password@` replaced by `***@`.
+fn without_userinfo(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let host_start = url[scheme_end + 3..]
+                .find('/')
+                .map_or(url.len(), |i| i + scheme_end + 3);
+            if at < host_start {
+                return format!("{}***{}", &url[..scheme_end + 3], &url[at..]);
+            }
+            url.to_owned()
+        }
+        _ => url.to_owned(),
+    }
+}
