@@ -51,7 +51,12 @@ impl Batcher {
                         let batch = &mut open[i];
                         self.tracker.add(batch.seq, &chunk.cursor, chunk.end);
                         batch.push(chunk);
-                        if batch.line_bytes >= self.batch_bytes || caught_up {
+                        if caught_up {
+                            // The end of a backlog: its entries may be in any tenant's batch.
+                            for batch in open.drain(..) {
+                                self.flush(batch).await;
+                            }
+                        } else if batch.line_bytes >= self.batch_bytes {
                             let batch = open.swap_remove(i);
                             self.flush(batch).await;
                         }

@@ -349,6 +349,9 @@ pub struct Runner {
     /// (framing sub, label values, tenant) → (route, labels whose value overflowed).
     route_of: HashMap<Box<[u8]>, (u16, u32)>,
     key: Vec<u8>,
+    /// The last key looked up and its route.
+    last_key: Vec<u8>,
+    last_route: (u16, u32),
     work: Work,
     /// Index of the first stage metadata name in the chunk's `meta_names`.
     meta_base: u16,
@@ -358,6 +361,8 @@ pub struct Runner {
     hits: Vec<u64>,
     /// Hits of a look that is repeated and counted right after.
     uncounted: Vec<u64>,
+    /// Where in the read a built-in redaction rule could match ([`Redactor::screen`]).
+    marks: Vec<u32>,
     drops: Vec<u64>,
     /// For `ztail try`: the reason of each entry dropped by the last `apply`, by its index.
     pub trace: Option<Vec<(usize, String)>>,
@@ -422,6 +427,7 @@ impl Runner {
         Runner {
             hits: vec![0; redactions.len()],
             uncounted: vec![0; redactions.len()],
+            marks: Vec::new(),
             drops: vec![0; pipeline.reasons.len()],
             dropped,
             redactions,
@@ -430,6 +436,8 @@ impl Runner {
             routes,
             route_of: HashMap::new(),
             key: Vec::new(),
+            last_key: Vec::new(),
+            last_route: (0, 0),
             work,
             meta_base: meta_base as u16,
             pipeline,
@@ -459,11 +467,16 @@ impl Runner {
         let mut hold = Duration::ZERO;
         let mut buckets = p.limit.as_ref().map(|l| lock(&l.buckets));
         let clock = tokio::time::Instant::now();
+        let screened = match &p.redactor {
+            Some(r) => r.screen(data, &mut self.marks),
+            None => false,
+        };
         // The route cache starts over between reads (never within one: entries already
         // routed index the table).
         if self.route_of.len() >= MAX_ROUTES {
             self.route_of.clear();
             self.routes.truncate(self.base_routes);
+            self.last_key.clear();
         }
         if let Some(t) = &mut self.trace {
             t.clear();
@@ -482,7 +495,12 @@ impl Runner {
             // Leaving the stages: redact what the entry carries, then route it.
             if let Some(r) = &p.redactor {
                 let original = &data[e.start as usize..e.end as usize];
-                self.redact_entry(r, original);
+                // Screened per read: a line without a mark cannot hold a built-in's match.
+                let clean_line = screened && {
+                    let i = self.marks.partition_point(|&m| m < e.start);
+                    self.marks.get(i).is_none_or(|&m| m >= e.end)
+                };
+                self.redact_entry(r, original, clean_line);
             }
             let (route, overflowed) = self.route(&p, &e, registry);
             e.sub = route;
@@ -519,11 +537,18 @@ impl Runner {
     /// lost the context its rule needs: `session=(?P<secret>\w+)` does not match `abc123`
     /// alone). Label and metadata values set by stages are scrubbed here; the rules run over
     /// them when a route is made and when the entry is written.
-    fn redact_entry(&mut self, r: &Redactor, original: &[u8]) {
+    fn redact_entry(&mut self, r: &Redactor, original: &[u8], clean_line: bool) {
         let w = &mut self.work;
         w.noted.clear();
         w.secrets.clear();
         w.secret_buf.clear();
+        if clean_line {
+            // Nothing to find in the line as read; a rewritten line is looked at in full.
+            if w.rewritten && clean(r, w, Cleaned::Line, &mut self.hits) {
+                std::mem::swap(&mut w.line, &mut w.scratch);
+            }
+            return;
+        }
         // Unchanged, the line as read is what ships: its hits are the ones counted.
         let counted = if w.rewritten {
             &mut self.uncounted[..]
@@ -604,12 +629,24 @@ impl Runner {
                 None => self.key.push(0),
             }
         }
+        // Consecutive entries mostly share a route.
+        if self.key == self.last_key {
+            return self.last_route;
+        }
         if let Some(&r) = self.route_of.get(&self.key[..]) {
+            self.remember(r);
             return r;
         }
         let r = self.new_route(p, e, registry);
         self.route_of.insert(self.key.clone().into_boxed_slice(), r);
+        self.remember(r);
         r
+    }
+
+    fn remember(&mut self, r: (u16, u32)) {
+        self.last_key.clear();
+        self.last_key.extend_from_slice(&self.key);
+        self.last_route = r;
     }
 
     fn new_route(&mut self, p: &Pipeline, e: &Entry, registry: &Streams) -> (u16, u32) {

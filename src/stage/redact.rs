@@ -541,6 +541,23 @@ impl Screen {
         found
     }
 
+    /// Appends to `marks` the start of every occurrence in `data` of a literal, substring or
+    /// scheme some built-in detector needs. A text without one inside it has no match.
+    fn marks(&self, data: &[u8], marks: &mut Vec<u32>) {
+        let mut at = 0;
+        while let Some(m) = self.literals.find_at(data, at) {
+            marks.push(m.start() as u32);
+            at = m.start() + 1;
+        }
+        for (finder, _) in &self.substrings {
+            marks.extend(finder.find_iter(data).map(|i| i as u32));
+        }
+        if self.url_owners != 0 {
+            marks.extend(self.scheme.find_iter(data).map(|i| i as u32));
+            marks.extend(self.scheme_json.find_iter(data).map(|i| i as u32));
+        }
+    }
+
     /// Whether some `://` (or `:\/\/`) is followed by a `:` and then an `@` before any `/` or
     /// space: neither can be in a URL's user or password.
     fn userinfo_url(&self, text: &[u8]) -> bool {
@@ -662,36 +679,59 @@ impl Redactor {
     /// nothing, replaces nothing and counts no hit; if no match replaced anything the result is
     /// false, as for no match.
     pub fn redact(&self, text: &[u8], out: &mut Vec<u8>, hits: &mut [u64]) -> bool {
-        self.redact_screened(text, out, hits, true, None)
+        self.redact_screened(text, out, hits, None, true)
     }
 
-    /// [`Redactor::redact`], also noting each replaced secret as (rule, start, end) in `text`,
-    /// so that the same secret can be scrubbed from values derived from `text` (a field parsed
-    /// out of the line has lost the context its rule needs).
+    /// [`Redactor::redact`], also appending to `noted` the (rule index, start, end) of each
+    /// replaced span of `text`, so that the same secrets can be found where the text was copied.
+    /// What `noted` points at is secret: never log it.
     pub fn redact_noting(
         &self,
         text: &[u8],
         out: &mut Vec<u8>,
         hits: &mut [u64],
-        secrets: &mut Vec<(usize, usize, usize)>,
+        noted: &mut Vec<(usize, usize, usize)>,
     ) -> bool {
-        self.redact_screened(text, out, hits, true, Some(secrets))
+        self.redact_screened(text, out, hits, Some(noted), true)
     }
 
-    /// The text that replaces a secret of rule `i`.
-    pub fn marker(&self, i: usize) -> &[u8] {
-        self.rules.get(i).map_or(&b"<redacted>"[..], |r| &r.marker)
+    /// Screens a whole read at once: fills `marks` (sorted) with the places in `data` where
+    /// a built-in detector could match, so that a text of `data` without a mark inside it
+    /// need not be redacted at all (one search per read instead of one per line). False when
+    /// the rules cannot be screened this way (custom rules, whose matches may cross lines):
+    /// then every text must go through [`Redactor::redact`].
+    pub fn screen(&self, data: &[u8], marks: &mut Vec<u32>) -> bool {
+        marks.clear();
+        let Some(search) = &self.search else {
+            return true;
+        };
+        if search.custom.is_some() {
+            return false;
+        }
+        if let Some(screen) = &search.builtin {
+            screen.marks(data, marks);
+            marks.sort_unstable();
+        }
+        true
     }
 
-    /// [`Redactor::redact`], with the screens skipped when `screen` is false (for tests: the
-    /// result must be the same).
+    /// The replacement for rule `rule`'s secrets, `<redacted:NAME>` (`<redacted>` for an index
+    /// past the rules).
+    pub fn marker(&self, rule: usize) -> &[u8] {
+        self.rules
+            .get(rule)
+            .map_or(b"<redacted>", |rule| &rule.marker)
+    }
+
+    /// [`Redactor::redact_noting`], with the screens skipped when `screen` is false (for tests:
+    /// the result must be the same).
     fn redact_screened(
         &self,
         text: &[u8],
         out: &mut Vec<u8>,
         hits: &mut [u64],
+        mut noted: Option<&mut Vec<(usize, usize, usize)>>,
         screen: bool,
-        mut secrets: Option<&mut Vec<(usize, usize, usize)>>,
     ) -> bool {
         let Some(search) = &self.search else {
             return false;
@@ -794,7 +834,7 @@ impl Redactor {
                     }
                     out.extend_from_slice(&text[copied..from]);
                     out.extend_from_slice(&rule.marker);
-                    if let Some(noted) = secrets.as_deref_mut() {
+                    if let Some(noted) = noted.as_deref_mut() {
                         noted.push((i, from, to));
                     }
                     copied = to;
@@ -1740,7 +1780,7 @@ mod tests {
             a.clear();
             b.clear();
             let with = r.redact(&text, &mut a, &mut hits_a);
-            let without = r.redact_screened(&text, &mut b, &mut hits_b, false, None);
+            let without = r.redact_screened(&text, &mut b, &mut hits_b, None, false);
             assert_eq!(
                 (with, &a),
                 (without, &b),
@@ -1751,6 +1791,24 @@ mod tests {
         }
         assert_eq!(hits_a, hits_b);
         assert!(redacted > 5_000, "{redacted}");
+    }
+
+    #[test]
+    fn noting_lists_the_replaced_spans() {
+        let r = redactor(&[("ticket", r"TKT-[0-9]{6}")]);
+        let text = "a password=hunter2 b TKT-123456 c";
+        let mut out = Vec::new();
+        let mut hits = vec![0; r.rules().len()];
+        let mut noted = Vec::new();
+        assert!(r.redact_noting(text.as_bytes(), &mut out, &mut hits, &mut noted));
+        let (password, ticket) = (index(&r, "password"), index(&r, "ticket"));
+        assert_eq!(noted, [(password, 11, 18), (ticket, 21, 31)]);
+        assert_eq!(&text[11..18], "hunter2");
+        assert_eq!(r.marker(ticket), b"<redacted:ticket>");
+        assert_eq!(r.marker(usize::MAX), b"<redacted>");
+        noted.clear();
+        assert!(!r.redact_noting(b"nothing here", &mut out, &mut hits, &mut noted));
+        assert!(noted.is_empty());
     }
 
     #[test]

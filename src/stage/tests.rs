@@ -622,3 +622,30 @@ type = "redact"
         &r.routes()[e2[99].sub as usize]
     ));
 }
+
+#[test]
+fn the_per_read_screen_finds_every_sample_among_many_lines() {
+    // One read holding every sample among quiet lines: the screen of the whole read must
+    // send each line with a secret to the rules, and only those.
+    let mut input = String::new();
+    for (i, (_, text, _)) in redact::SAMPLES.iter().enumerate() {
+        input.push_str(&format!("quiet line {i} with nothing to hide\n"));
+        input.push_str(&serde_json::to_string(text).unwrap());
+        input.push('\n');
+    }
+    let out = run(
+        r#"
+[[sources.stages]]
+type = "redact"
+"#,
+        &input,
+    );
+    let all = lines(&out).join("\n");
+    for (name, _, secret) in redact::SAMPLES {
+        assert!(!all.contains(secret), "{name} survived: {all}");
+    }
+    assert_eq!(
+        lines(&out).iter().filter(|l| l.contains("<redacted:")).count(),
+        redact::SAMPLES.len()
+    );
+}
