@@ -16,6 +16,13 @@
 //! ratio of their CPU per GiB. A `-100ms` suffix (`mixed-100ms`) ships with a 100 ms batch wait
 //! instead of the default 1 s.
 //!
+//! `stages-<name>` ships the mixed corpus through a pipeline of processing stages: `all` (the
+//! realistic one: drop lines by regex, parse the JSON lines and make `level` a label, every
+//! built-in redaction detector, a tenant map over a JSON field), or one of its parts alone
+//! (`drop`, `json`, `redact`, `tenant`). `stages` runs `mixed` and every `stages-*` case in
+//! turn, `stages-pairs` alternates `mixed` and `stages-all` three times, and both print each
+//! case's CPU per GiB of input against `mixed` measured in the same run.
+//!
 //! Under `cargo test` (debug build) it runs a 2 MB corpus only, to keep the harness working.
 
 #[allow(dead_code)]
@@ -59,6 +66,37 @@ fn main() {
             number.unwrap_or(20) as u64
         };
         rt.block_on(latency(secs, 20_000, wait));
+    } else if case == "stages" || case == "stages-pairs" {
+        let cases: Vec<&str> = if case == "stages" {
+            vec![
+                "mixed",
+                "stages-drop",
+                "stages-json",
+                "stages-redact",
+                "stages-tenant",
+                "stages-all",
+            ]
+        } else {
+            ["mixed", "stages-all"].repeat(3)
+        };
+        let runs: Vec<(&str, Run)> = cases
+            .iter()
+            .map(|c| (*c, rt.block_on(drive(mb, c))))
+            .collect();
+        println!("CPU per GiB of input against the no-stage run before it:");
+        let mut base = None;
+        for (name, run) in &runs {
+            if *name == "mixed" {
+                base = Some(run.per_file_gib());
+            }
+            let b = base.unwrap_or(run.per_file_gib());
+            println!(
+                "  {name:<14} {:>6.2} s per GiB  {:>5.2}x  (+{:.2} s per GiB)",
+                run.per_file_gib(),
+                run.per_file_gib() / b,
+                run.per_file_gib() - b
+            );
+        }
     } else if case == "cri-vs-raw" {
         let raw = rt.block_on(drive(mb, "mixed"));
         let cri = rt.block_on(drive(mb, "cri"));
@@ -151,21 +189,64 @@ struct Corpus {
     digest: u64,
 }
 
+/// The pipelines of the `stages-*` cases.
+fn stages(case: &str) -> Option<String> {
+    let part = |name: &str| -> &'static str {
+        match name {
+            "drop" => {
+                "[[sources.stages]]\ntype = \"drop\"\nline = 'DEBUG|level=warn'\nreason = \"noise\"\n"
+            }
+            "json" => {
+                "[[sources.stages]]\ntype = \"json\"\nfields = [\"level\", \"logger\"]\n[[sources.stages]]\ntype = \"labels\"\nfields = [\"level\"]\n"
+            }
+            "redact" => "[[sources.stages]]\ntype = \"redact\"\n",
+            "tenant" => {
+                "[[sources.stages]]\ntype = \"json\"\nfields = [\"logger\"]\n[[sources.stages]]\ntype = \"tenant\"\nfield = \"logger\"\nmap = { http = \"team-http\", db = \"team-db\", payments = \"team-pay\" }\ndefault = \"shared\"\n"
+            }
+            _ => panic!("unknown stages case {name:?}"),
+        }
+    };
+    let name = case.strip_prefix("stages-")?;
+    Some(match name {
+        "all" => {
+            let tenant = part("tenant").replace(
+                "[[sources.stages]]\ntype = \"json\"\nfields = [\"logger\"]\n",
+                "",
+            );
+            format!(
+                "{}{}{}{}",
+                part("drop"),
+                part("json"),
+                tenant,
+                part("redact")
+            )
+        }
+        other => part(other).to_owned(),
+    })
+}
+
+/// Whether the `stages-*` case's pipeline drops this line.
+fn dropped_by(case: &str, line: &str) -> bool {
+    matches!(case, "stages-all" | "stages-drop")
+        && (line.contains("DEBUG") || line.contains("level=warn"))
+}
+
 fn write_corpus(dir: &std::path::Path, mb: usize, case: &str) -> Corpus {
     let mut rng = fastrand::Rng::with_seed(7);
     let files = if case == "many" { 1000 } else { 1 };
     let target = (mb as u64) << 20;
     let per_file = target / files;
     let (mut lines, mut bytes, mut sum, mut message_bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut n_written = 0u64;
     for f in 0..files {
         let path = dir.join(format!("app-{f:04}.log"));
         let mut w =
             std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
         let mut written = 0;
         while written < per_file {
-            let l = line(&mut rng, lines, case == "short");
+            let l = line(&mut rng, n_written, case == "short");
             if case == "cri" {
-                let n = lines;
+                let n = n_written;
                 let prefix = format!(
                     "2026-11-26T06:{:02}:{:02}.{:09}Z stdout F ",
                     (n / 60_000) % 60,
@@ -179,8 +260,12 @@ fn write_corpus(dir: &std::path::Path, mb: usize, case: &str) -> Corpus {
             w.write_all(b"\n").unwrap();
             written += l.len() as u64 + 1;
             message_bytes += l.len() as u64;
-            sum = sum.wrapping_add(digest(l.as_bytes()));
-            lines += 1;
+            // `n` numbers every line written; the receiver sees only those kept.
+            n_written += 1;
+            if !dropped_by(case, &l) {
+                sum = sum.wrapping_add(digest(l.as_bytes()));
+                lines += 1;
+            }
         }
         w.flush().unwrap();
         bytes += written;
@@ -254,10 +339,11 @@ async fn drive(mb: usize, case: &str) -> Run {
         }
     });
 
+    let pipeline = stages(case);
     let source = if case == "cri" {
         "format = \"cri\""
     } else {
-        ""
+        pipeline.as_deref().unwrap_or("")
     };
     let url = format!("https://127.0.0.1:{port}");
     let wait = format!("batch_wait = \"{batch_wait}\"");
