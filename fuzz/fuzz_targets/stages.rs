@@ -74,7 +74,11 @@ fuzz_target!(|data: &[u8]| {
     let filler = String::from_utf8_lossy(rest).replace('\n', " ");
     let mut lines: Vec<String> = filler.split('\u{1}').map(str::to_owned).collect();
     let at = rest.first().map_or(0, |b| *b as usize % lines.len());
-    let cut = lines[at].char_indices().map(|(i, _)| i).nth(place as usize / 8).unwrap_or(lines[at].len());
+    let cut = lines[at]
+        .char_indices()
+        .map(|(i, _)| i)
+        .nth(place as usize / 8)
+        .unwrap_or(lines[at].len());
     let json = serde_json::to_string(secret_text).expect("a string serialises");
     let planted = match place % 5 {
         0 => format!("{} {secret_text} {}", &lines[at][..cut], &lines[at][cut..]),
@@ -85,7 +89,11 @@ fuzz_target!(|data: &[u8]| {
     };
     lines[at] = planted;
     // In a path label when the place says so.
-    let dir = if place % 5 == 4 { secret_text.replace('/', "_") } else { "d".to_owned() };
+    let dir = if place % 5 == 4 {
+        secret_text.replace('/', "_")
+    } else {
+        "d".to_owned()
+    };
     let path = format!("/logs/{dir}/a.log");
 
     let (src, pipeline) = source();
@@ -111,7 +119,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(entries.len() <= n, "stages never add entries");
     // Bounded: a rewrite is at most the template over the line and one field, redaction
     // markers aside.
-    assert!(buf.len() <= input_len * 8 + n * 64 + 4096, "output grew without bound");
+    assert!(
+        buf.len() <= input_len * 8 + n * 64 + 4096,
+        "output grew without bound"
+    );
 
     let routes = runner.routes();
     let meta: Arc<[_]> = meta.into();
@@ -132,7 +143,10 @@ fuzz_target!(|data: &[u8]| {
         });
     }
     let body = encode::protobuf_uncompressed(&batch, None);
-    let escaped = secret.replace('\\', "\\\\").replace('\n', "\\n").replace('"', "\\\"");
+    let escaped = secret
+        .replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('"', "\\\"");
     for needle in [secret.to_owned(), escaped] {
         assert!(
             memchr::memmem::find(&body, needle.as_bytes()).is_none(),

@@ -645,7 +645,10 @@ type = "redact"
         assert!(!all.contains(secret), "{name} survived: {all}");
     }
     assert_eq!(
-        lines(&out).iter().filter(|l| l.contains("<redacted:")).count(),
+        lines(&out)
+            .iter()
+            .filter(|l| l.contains("<redacted:"))
+            .count(),
         redact::SAMPLES.len()
     );
 }
