@@ -277,7 +277,15 @@ impl Builder<'_> {
         Ok(Cond {
             line,
             target,
-            older_than: c.older_than.map(|d| d.as_nanos() as i64),
+            older_than: match c.older_than {
+                Some(d) => Some(i64::try_from(d.as_nanos()).map_err(|_| {
+                    self.err(
+                        &format!("{key}.older_than"),
+                        "too large (at most about 292 years)",
+                    )
+                })?),
+                None => None,
+            },
             longer_than: c.longer_than.map(|b| b.0 as usize),
             reason: (self.p.reasons.len() - 1) as u16,
         })
@@ -418,7 +426,16 @@ impl Builder<'_> {
                 }
                 let from = match (field, label) {
                     (Some(f), None) => TenantFrom::Field(self.field(&format!("{key}.field"), &f)?),
-                    (None, Some(l)) => TenantFrom::Label(l),
+                    // The label must be set by then: by the source or an earlier stage.
+                    (None, Some(l)) if self.label_names.contains(&l) => TenantFrom::Label(l),
+                    (None, Some(l)) => {
+                        return Err(self.err(
+                            &format!("{key}.label"),
+                            format!(
+                                "label {l:?} is set neither by the source nor by an earlier stage"
+                            ),
+                        ));
+                    }
                     _ => {
                         return Err(self.err(
                             key,
@@ -426,6 +443,9 @@ impl Builder<'_> {
                         ));
                     }
                 };
+                if map.len() > 1000 {
+                    return Err(self.err(&format!("{key}.map"), "at most 1000 values"));
+                }
                 if map.is_empty() {
                     return Err(self.err(&format!("{key}.map"), "is empty: map values to tenants"));
                 }
@@ -487,8 +507,8 @@ impl Builder<'_> {
                     return Err(self.err(key, "set lines_per_second, bytes_per_second or both"));
                 }
                 let rate = |k: &str, r: Option<f64>| match r {
-                    Some(r) if !(r > 0.0 && r.is_finite()) => {
-                        Err(self.err(&format!("{key}.{k}"), "must be above zero"))
+                    Some(r) if !(r >= 0.001 && r.is_finite()) => {
+                        Err(self.err(&format!("{key}.{k}"), "must be at least 0.001"))
                     }
                     _ => Ok(r),
                 };
@@ -568,17 +588,10 @@ impl Builder<'_> {
                 "more than 64 metadata fields per entry: structured metadata counts against Loki's per-entry limits",
             ));
         }
-        if let Some(TenantRule {
-            from: TenantFrom::Label(l),
-            ..
-        }) = &self.p.tenant
-            && !self.label_names.contains(l)
-        {
+        if self.p.parsers.len() > 64 {
             return Err(self.v.err(
                 format!("{key}.stages"),
-                format!(
-                    "the tenant stage reads label {l:?}, which neither the source nor a stage sets"
-                ),
+                "more than 64 json, logfmt and regex stages",
             ));
         }
         Ok(Some(self.p))

@@ -346,6 +346,8 @@ pub struct Runner {
     routes: Vec<Arc<Stream>>,
     /// How many of `routes` are the file's own.
     base_routes: usize,
+    /// A stream's place in `routes`, by its address (the `Arc`s in `routes` keep it alive).
+    route_index: HashMap<usize, u16>,
     /// (framing sub, label values, tenant) → (route, labels whose value overflowed).
     route_of: HashMap<Box<[u8]>, (u16, u32)>,
     key: Vec<u8>,
@@ -370,6 +372,10 @@ pub struct Runner {
 
 /// Most routes a file keeps; beyond, the route cache starts over (the streams stay).
 const MAX_ROUTES: usize = 4096;
+
+/// Most routes made within one read (below `u16::MAX`, the range of `Entry::sub`, with room
+/// for a route per tenant and framing stream once it is reached).
+const MAX_ROUTES_PER_READ: usize = 16_384;
 
 impl Runner {
     /// `streams` are the file's streams, `meta_base` the number of the framing's metadata
@@ -433,6 +439,11 @@ impl Runner {
             redactions,
             overflows: metrics.label_overflow(source),
             base_routes: routes.len(),
+            route_index: routes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (Arc::as_ptr(s) as usize, i as u16))
+                .collect(),
             routes,
             route_of: HashMap::new(),
             key: Vec::new(),
@@ -473,9 +484,11 @@ impl Runner {
         };
         // The route cache starts over between reads (never within one: entries already
         // routed index the table).
-        if self.route_of.len() >= MAX_ROUTES {
+        if self.route_of.len() >= MAX_ROUTES || self.routes.len() >= MAX_ROUTES {
             self.route_of.clear();
             self.routes.truncate(self.base_routes);
+            self.route_index
+                .retain(|_, i| (*i as usize) < self.base_routes);
             self.last_key.clear();
         }
         if let Some(t) = &mut self.trace {
@@ -615,12 +628,17 @@ impl Runner {
         if w.tenant.is_none() && w.labels.iter().all(Option::is_none) {
             return (e.sub, 0);
         }
+        // Routes are indexed by `Entry::sub` (u16) and made within a read: past the cap, stage
+        // labels overflow (their values go to metadata) and the entry keeps its tenant.
+        let full = self.routes.len() >= MAX_ROUTES_PER_READ;
         self.key.clear();
         self.key.extend_from_slice(&e.sub.to_le_bytes());
         self.key
             .extend_from_slice(&w.tenant.map_or(u16::MAX, |t| t).to_le_bytes());
+        self.key.push(full as u8);
         for l in &w.labels {
             match l {
+                Some(_) if full => self.key.push(0),
                 Some(s) => {
                     self.key.push(1);
                     self.key.extend_from_slice(w.span(*s));
@@ -637,7 +655,17 @@ impl Runner {
             self.remember(r);
             return r;
         }
-        let r = self.new_route(p, e, registry);
+        let r = if full {
+            let all = w
+                .labels
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_some())
+                .fold(0u32, |m, (i, _)| m | 1 << i);
+            (self.new_route(p, e, registry, false).0, all)
+        } else {
+            self.new_route(p, e, registry, true)
+        };
         self.route_of.insert(self.key.clone().into_boxed_slice(), r);
         self.remember(r);
         r
@@ -649,7 +677,13 @@ impl Runner {
         self.last_route = r;
     }
 
-    fn new_route(&mut self, p: &Pipeline, e: &Entry, registry: &Streams) -> (u16, u32) {
+    fn new_route(
+        &mut self,
+        p: &Pipeline,
+        e: &Entry,
+        registry: &Streams,
+        with_labels: bool,
+    ) -> (u16, u32) {
         let base = &self.routes[e.sub as usize];
         let mut pairs: std::collections::BTreeMap<String, String> =
             base.label_pairs.iter().cloned().collect();
@@ -660,8 +694,10 @@ impl Runner {
         }
         let mut hits = vec![0u64; self.hits.len()];
         for (id, span) in self.work.labels.iter().enumerate() {
-            let Some(span) = span else { continue };
-            let raw = self.work.span(*span);
+            let Some(span) = span.filter(|_| with_labels) else {
+                continue;
+            };
+            let raw = self.work.span(span);
             let (max_values, overflow) = label_rule(p, id as u16);
             let known = seen[id].contains(raw);
             let value = if known || seen[id].len() < max_values {
@@ -693,14 +729,17 @@ impl Runner {
             None => base.tenant.clone(),
         };
         let stream = registry.get(&LabelSet::new(pairs), tenant);
-        let idx = match self.routes.iter().position(|s| Arc::ptr_eq(s, &stream)) {
-            Some(i) => i,
+        let key = Arc::as_ptr(&stream) as usize;
+        let idx = match self.route_index.get(&key) {
+            Some(&i) => i,
             None => {
                 self.routes.push(stream);
-                self.routes.len() - 1
+                let i = (self.routes.len() - 1) as u16;
+                self.route_index.insert(key, i);
+                i
             }
         };
-        (idx as u16, overflowed)
+        (idx, overflowed)
     }
 
     /// Moves the values of overflowing labels to metadata (named like the label), unless the
@@ -833,7 +872,18 @@ fn scrub(
             first = Some((j, at));
         }
     }
-    let Some(_) = first else { return false };
+    let Some(_) = first else {
+        // A secret too short to look for inside values still replaces a value that is
+        // exactly it (a field parsed out of `pin=123` is `123`).
+        for &(rule, a, b) in secrets {
+            if text == &secret_buf[a as usize..b as usize] && !text.is_empty() {
+                out.clear();
+                out.extend_from_slice(r.marker(rule));
+                return true;
+            }
+        }
+        return false;
+    };
     out.clear();
     let mut at = 0;
     'scan: while at < text.len() {
@@ -909,7 +959,7 @@ fn take(
         b.bytes -= len as f64;
         wait = wait.max(-b.bytes / rate);
     }
-    Ok(Duration::from_secs_f64(wait.max(0.0)))
+    Ok(Duration::try_from_secs_f64(wait.max(0.0)).unwrap_or(Duration::MAX))
 }
 
 /// Runs every stage over one entry.

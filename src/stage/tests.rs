@@ -652,3 +652,53 @@ type = "redact"
         redact::SAMPLES.len()
     );
 }
+
+#[test]
+fn a_short_secret_copied_out_of_its_line_is_scrubbed_too() {
+    let out = run(
+        r#"
+[[sources.stages]]
+type = "redact"
+builtin = false
+rules = [{ name = "pin", regex = 'pin=(?P<secret>\d{3})' }]
+[[sources.stages]]
+type = "logfmt"
+fields = ["pin"]
+[[sources.stages]]
+type = "metadata"
+fields = ["pin"]
+"#,
+        "user=a pin=123\n",
+    );
+    let (line, _, meta, _) = shipped(&out[0]);
+    assert_eq!(line, "user=a pin=<redacted:pin>");
+    assert_eq!(meta["pin"], "<redacted:pin>");
+}
+
+#[test]
+fn stage_values_out_of_range_are_config_errors() {
+    let e = source(
+        r#"
+[[sources.stages]]
+type = "tenant"
+label = "team"
+map = { a = "t" }
+default = "x"
+[[sources.stages]]
+type = "json"
+fields = ["team"]
+[[sources.stages]]
+type = "labels"
+fields = ["team"]
+"#,
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("stages[0].label") && e.contains("earlier stage"),
+        "{e}"
+    );
+    let e = source("[[sources.stages]]\ntype = \"drop\"\nolder_than = \"300y\"\n").unwrap_err();
+    assert!(e.contains("older_than: too large"), "{e}");
+    let e = source("[[sources.stages]]\ntype = \"limit\"\nlines_per_second = 1e-20\n").unwrap_err();
+    assert!(e.contains("at least 0.001"), "{e}");
+}
