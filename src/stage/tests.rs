@@ -702,3 +702,55 @@ fields = ["team"]
     let e = source("[[sources.stages]]\ntype = \"limit\"\nlines_per_second = 1e-20\n").unwrap_err();
     assert!(e.contains("at least 0.001"), "{e}");
 }
+
+#[test]
+fn a_read_with_more_label_values_than_routes_keeps_every_entry_and_its_tenant() {
+    let src = source(
+        r#"
+[[sources.stages]]
+type = "logfmt"
+fields = ["user", "ns"]
+[[sources.stages]]
+type = "labels"
+fields = ["user"]
+max_values = 100000
+[[sources.stages]]
+type = "tenant"
+field = "ns"
+map = { a = "team-a" }
+drop_unmapped = true
+"#,
+    )
+    .unwrap();
+    let (mut r, streams, _metrics) = runner(&src);
+    let n = MAX_ROUTES_PER_READ + 500;
+    let mut data = Vec::new();
+    let mut entries = Vec::new();
+    for i in 0..n {
+        let start = data.len();
+        data.extend_from_slice(format!("ns=a user=u{i}").as_bytes());
+        entries.push(Entry::text(start, data.len()));
+        data.push(b'\n');
+    }
+    let mut meta = Vec::new();
+    r.apply(&mut data, &mut entries, &mut meta, &streams, 0);
+    assert_eq!(entries.len(), n, "nothing lost");
+    let routes = r.routes();
+    assert!(routes.len() <= MAX_ROUTES_PER_READ + 2);
+    for e in &entries {
+        assert_eq!(routes[e.sub as usize].tenant.as_deref(), Some("team-a"));
+    }
+    // The last entries kept their user as metadata instead of a label.
+    let last = entries.last().unwrap();
+    assert!(
+        !routes[last.sub as usize]
+            .label_pairs
+            .iter()
+            .any(|(k, _)| k == "user")
+    );
+    let m = meta[last.meta_start as usize];
+    assert_eq!(
+        &data[m.start as usize..m.end as usize],
+        format!("u{}", n - 1).as_bytes()
+    );
+}
