@@ -258,16 +258,6 @@ impl Pipeline {
         &self.meta_names
     }
 
-    /// Labels the stages may set.
-    pub fn label_names(&self) -> &[String] {
-        &self.label_names
-    }
-
-    /// Drop reasons, as counted in `ztail_stage_dropped_total`.
-    pub fn reasons(&self) -> &[String] {
-        &self.reasons
-    }
-
     /// Redaction rule names, as counted in `ztail_redactions_total`.
     pub fn redaction_rules(&self) -> Vec<String> {
         self.redactor
