@@ -387,8 +387,7 @@ impl Runner {
                     let mut changed = false;
                     let mut pairs = Vec::new();
                     for (k, v) in &s.label_pairs {
-                        let mut hits = vec![0; r.rule_names().count()];
-                        if r.redact(v.as_bytes(), &mut work.scratch, &mut hits) {
+                        if r.redact(v.as_bytes(), &mut work.scratch, &mut []) {
                             changed = true;
                             pairs.push((
                                 k.clone(),

@@ -291,32 +291,16 @@ async fn queue(
 /// Stamps entries without a timestamp of their own with the read time, strictly increasing
 /// per stream.
 fn stamp(entries: &mut [Entry], routes: &[Arc<Stream>]) {
-    if routes.len() <= 2 {
-        let mut unstamped = [0usize; 2];
-        for e in entries.iter().filter(|e| e.ts == 0) {
-            unstamped[e.sub as usize] += 1;
-        }
-        let mut next = [0i64; 2];
-        for ((slot, n), stream) in next.iter_mut().zip(unstamped).zip(routes) {
-            if n > 0 {
-                *slot = stream.reserve_timestamps(n);
-            }
-        }
-        for e in entries.iter_mut().filter(|e| e.ts == 0) {
-            e.ts = next[e.sub as usize];
-            next[e.sub as usize] += 1;
-        }
-        return;
-    }
-    let mut unstamped = vec![0usize; routes.len()];
+    // One counter per route, per read (not per line).
+    let mut next = vec![0i64; routes.len()];
     for e in entries.iter().filter(|e| e.ts == 0) {
-        unstamped[e.sub as usize] += 1;
+        next[e.sub as usize] += 1;
     }
-    let mut next: Vec<i64> = unstamped
-        .iter()
-        .zip(routes)
-        .map(|(&n, s)| if n > 0 { s.reserve_timestamps(n) } else { 0 })
-        .collect();
+    for (slot, stream) in next.iter_mut().zip(routes) {
+        if *slot > 0 {
+            *slot = stream.reserve_timestamps(*slot as usize);
+        }
+    }
     for e in entries.iter_mut().filter(|e| e.ts == 0) {
         e.ts = next[e.sub as usize];
         next[e.sub as usize] += 1;
