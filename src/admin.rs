@@ -43,6 +43,7 @@ pub struct Admin {
     pub sink: Arc<Sink>,
     pub identity: IdentityWatch,
     pub probes: Arc<crate::probe::ProbeStatus>,
+    pub kube: Option<Arc<crate::k8s::Metadata>>,
 }
 
 #[derive(Serialize)]
@@ -53,6 +54,8 @@ pub struct Status {
     pub sink: SinkStatus,
     pub files: Vec<FileStatus>,
     pub probes: Vec<crate::probe::ProbeResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::k8s::ApiStatus>,
 }
 
 #[derive(Serialize)]
@@ -188,7 +191,11 @@ impl Admin {
                 .unwrap_or_default();
             return (false, format!("not ready: sink failing: {err}"));
         }
-        (true, "ready".into())
+        // Missing pod metadata degrades labels, not delivery: ready, and the body says so.
+        match self.kube.as_ref().and_then(|k| k.degraded()) {
+            Some(why) => (true, format!("ready; {why}")),
+            None => (true, "ready".into()),
+        }
     }
 
     pub fn status(&self) -> Status {
@@ -225,6 +232,7 @@ impl Admin {
             },
             files: self.tailer.files().iter().map(|f| f.status()).collect(),
             probes: self.probes.results(),
+            kubernetes: self.kube.as_ref().map(|k| k.status()),
         }
     }
 }

@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod config;
 pub mod identity;
+pub mod k8s;
 pub mod loki;
 pub mod metrics;
 pub mod pipeline;
@@ -90,12 +91,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         background.clone(),
     )?;
     let reading = CancellationToken::new();
+    let kube = config.kubernetes.map(|k| {
+        let meta = k8s::Metadata::new(k, metrics.clone());
+        meta.spawn(background.clone());
+        meta
+    });
     let tailer = Tailer::new(
         config.sources,
         config.tail,
         state_dir,
         metrics.clone(),
         reading.clone(),
+        kube.clone(),
     );
     let admin = admin::Admin {
         metrics: metrics.clone(),
@@ -103,6 +110,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sink: sink.clone(),
         identity,
         probes,
+        kube,
     };
     let admin_addr = admin.bind(config.admin.listen, background.clone()).await?;
     tracing::info!(admin = %admin_addr, loki = %config.sink.url, "ztail started");

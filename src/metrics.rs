@@ -112,6 +112,10 @@ pub struct Metrics {
     pub redactions: Family<SourceRuleLabel, Counter>,
     pub label_overflows: Family<SourceLabel, Counter>,
     pub stage_holds: Counter,
+    pub kubernetes_pods: Gauge,
+    pub kubernetes_api_up: Gauge,
+    pub kubernetes_watch_errors: Family<KindLabel, Counter>,
+    pub kubernetes_metadata_missing: Counter,
     pub entries_sent: Counter,
     pub bytes_sent: Counter,
     pub push_requests: Family<StatusLabel, Counter>,
@@ -150,6 +154,10 @@ impl Metrics {
             redactions: Family::default(),
             label_overflows: Family::default(),
             stage_holds: Counter::default(),
+            kubernetes_pods: Gauge::default(),
+            kubernetes_api_up: Gauge::default(),
+            kubernetes_watch_errors: Family::default(),
+            kubernetes_metadata_missing: Counter::default(),
             entries_sent: Counter::default(),
             bytes_sent: Counter::default(),
             push_requests: Family::default(),
@@ -230,6 +238,26 @@ impl Metrics {
             "stage_holds",
             "Times a limit stage held a file back (it stopped reading until its stream was under the rate)",
             m.stage_holds.clone(),
+        );
+        registry.register(
+            "kubernetes_pods",
+            "Pods of this node in the Kubernetes metadata cache (deleted ones kept while their files drain included)",
+            m.kubernetes_pods.clone(),
+        );
+        registry.register(
+            "kubernetes_api_up",
+            "1 while the Kubernetes API server's watches are connected",
+            m.kubernetes_api_up.clone(),
+        );
+        registry.register(
+            "kubernetes_watch_errors",
+            "Failed Kubernetes lists and watches, by kind (pods, namespaces, client); each is retried with backoff",
+            m.kubernetes_watch_errors.clone(),
+        );
+        registry.register(
+            "kubernetes_metadata_missing",
+            "Files whose pod was not known within kubernetes.wait: they shipped with their path's labels until it was",
+            m.kubernetes_metadata_missing.clone(),
         );
         registry.register(
             "entries_sent",

@@ -5,7 +5,7 @@
 //! shared checks ([`Validator`]); each other table belongs to the module it configures, raw
 //! type and validation together: `[sink]` in `loki/config.rs`, `[identity]` in
 //! `identity/config.rs`, `[tail]` and `[[sources]]` in `tail/config.rs`, their `stages` in
-//! `stage/config.rs`, `[[probes]]` in `probe/mod.rs`.
+//! `stage/config.rs`, `[kubernetes]` in `k8s/config.rs`, `[[probes]]` in `probe/mod.rs`.
 //!
 //! Every error names the file, the key path (`sources[0].labels.job`) and what is expected.
 //! Relative paths in the file are resolved against the directory of the file itself, so a config
@@ -71,6 +71,7 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub tail: TailConfig,
     pub probes: Vec<crate::probe::ProbeConfig>,
+    pub kubernetes: Option<crate::k8s::KubernetesConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +204,7 @@ struct RawConfig {
     sources: Vec<RawSource>,
     #[serde(default)]
     probes: Vec<crate::probe::RawProbe>,
+    kubernetes: Option<crate::k8s::config::RawKubernetes>,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +367,12 @@ impl Validator<'_> {
         let identity = IdentityConfig::validate(self, raw.identity)?;
         let sink = SinkConfig::validate(self, raw.sink)?;
         let tail = TailConfig::validate(self, raw.tail)?;
+        let kubernetes = match raw.kubernetes {
+            Some(k) => Some(crate::k8s::KubernetesConfig::validate(self, k, &|name| {
+                std::env::var(name).ok()
+            })?),
+            None => None,
+        };
         if raw.sources.is_empty() && raw.probes.is_empty() {
             return Err(self.err(
                 "sources",
@@ -381,7 +389,13 @@ impl Validator<'_> {
                     format!("duplicate source name {:?}", s.name),
                 ));
             }
-            sources.push(SourceConfig::validate(self, &key, s, raw.host_label)?);
+            sources.push(SourceConfig::validate(
+                self,
+                &key,
+                s,
+                raw.host_label,
+                kubernetes.as_ref(),
+            )?);
         }
         let state_dir = self.path(&raw.state_dir);
         let mut probes = Vec::with_capacity(raw.probes.len());
@@ -411,6 +425,7 @@ impl Validator<'_> {
             sink,
             sources,
             tail,
+            kubernetes,
         })
     }
 }

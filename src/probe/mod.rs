@@ -400,6 +400,8 @@ impl ProbeConfig {
             path_labels: None,
             follow_symlinks_under: Vec::new(),
             stages: None,
+            kubernetes: false,
+            formats: Vec::new(),
         }
     }
 }

@@ -50,6 +50,18 @@ pub struct SourceConfig {
     pub follow_symlinks_under: Vec<PathBuf>,
     /// What happens to entries between framing and batching.
     pub stages: Option<Arc<Pipeline>>,
+    /// Whether files are matched to their pods for Kubernetes metadata.
+    pub kubernetes: bool,
+    /// Formats a pod may choose by annotation, each a framing and stages of its own.
+    pub formats: Vec<NamedFormat>,
+}
+
+/// A format of a source that a pod's `format` annotation may choose.
+#[derive(Debug, Clone)]
+pub struct NamedFormat {
+    pub name: String,
+    pub framing: Arc<Framing>,
+    pub stages: Option<Arc<Pipeline>>,
 }
 
 impl SourceConfig {
@@ -116,6 +128,17 @@ pub(crate) struct RawSource {
     follow_symlinks_under: Vec<PathBuf>,
     #[serde(default)]
     stages: Vec<RawStage>,
+    kubernetes: Option<bool>,
+    #[serde(default)]
+    formats: BTreeMap<String, RawFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFormat {
+    multiline: Option<RawMultiline>,
+    /// The source's stages unless set.
+    stages: Option<Vec<RawStage>>,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +221,7 @@ impl SourceConfig {
         key: &str,
         s: RawSource,
         host_label: bool,
+        k8s: Option<&crate::k8s::KubernetesConfig>,
     ) -> Result<SourceConfig, ConfigError> {
         if s.name.is_empty() {
             return Err(v.err(format!("{key}.name"), "must not be empty"));
@@ -260,32 +284,12 @@ impl SourceConfig {
 
         let multiline = match s.multiline {
             None => None,
-            Some(m) => {
-                let start = regex::bytes::Regex::new(&m.start).map_err(|e| {
-                    v.err(
-                        format!("{key}.multiline.start"),
-                        format!("invalid regex: {e}"),
-                    )
-                })?;
-                if m.max_lines == 0 {
-                    return Err(v.err(format!("{key}.multiline.max_lines"), "must be above zero"));
-                }
-                let max_bytes = match m.max_bytes {
-                    None => max_line_bytes.max(1 << 20),
-                    Some(b) => v.size_between(
-                        &format!("{key}.multiline.max_bytes"),
-                        b,
-                        max_line_bytes as u64,
-                        64 << 20,
-                    )?,
-                };
-                Some(Multiline {
-                    start,
-                    max_lines: m.max_lines,
-                    max_bytes,
-                    timeout: v.positive(&format!("{key}.multiline.timeout"), m.timeout)?,
-                })
-            }
+            Some(m) => Some(validate_multiline(
+                v,
+                &format!("{key}.multiline"),
+                m,
+                max_line_bytes,
+            )?),
         };
         let timestamp = match s.timestamp {
             None => None,
@@ -395,15 +399,40 @@ impl SourceConfig {
                 "is set by ztail from the CRI/Docker stream; set stream_as = \"metadata\" to keep this label",
             ));
         }
+        let kubernetes = s
+            .kubernetes
+            .unwrap_or(k8s.is_some() && s.format != Format::Raw);
+        let k8s = match (kubernetes, k8s) {
+            (false, _) => None,
+            (true, Some(k)) => Some(k),
+            (true, None) => {
+                return Err(v.err(
+                    format!("{key}.kubernetes"),
+                    "needs a [kubernetes] table: where the API server is and what pod metadata becomes",
+                ));
+            }
+        };
+        let k8s_labels: Vec<&str> = k8s.map(|k| k.label_names().collect()).unwrap_or_default();
+        for name in &k8s_labels {
+            let path_capture = path_labels
+                .as_ref()
+                .is_some_and(|re| re.capture_names().flatten().any(|n| n == *name));
+            if reserved.contains(name) || set.contains_key(*name) || path_capture {
+                return Err(v.err(
+                    format!("{key}.labels"),
+                    format!("{name:?} is set by [kubernetes] and by this source (its labels or path_labels): drop one of them"),
+                ));
+            }
+        }
         let captured = path_labels
             .as_ref()
             .map_or(0, |re| re.capture_names().flatten().count());
-        let total = set.len() + 1 + captured + stream_label as usize;
+        let total = set.len() + 1 + captured + stream_label as usize + k8s_labels.len();
         if total > labels::MAX_LABELS {
             return Err(v.err(
                 format!("{key}.labels"),
                 format!(
-                    "{total} labels per stream (static, filename, host, path_labels captures, stream) exceed Loki's default limit of {}",
+                    "{total} labels per stream (static, filename, host, path_labels captures, stream, kubernetes) exceed Loki's default limit of {}",
                     labels::MAX_LABELS
                 ),
             ));
@@ -417,16 +446,68 @@ impl SourceConfig {
         if stream_label {
             taken.push(format::STREAM.to_owned());
         }
+        taken.extend(k8s_labels.iter().map(|n| (*n).to_owned()));
+        // The framing's metadata, then Kubernetes', then the stages'.
+        let mut framing_meta = framing.meta_names();
+        if let Some(k) = k8s {
+            for (name, _) in &k.metadata {
+                if framing_meta.contains(name) {
+                    return Err(v.err(
+                        format!("{key}.metadata_fields"),
+                        format!("{name:?} is also set by kubernetes.metadata"),
+                    ));
+                }
+                framing_meta.push(name.clone());
+            }
+        }
         let stages = crate::stage::config::validate(
             v,
             key,
             s.stages,
             &crate::stage::config::Context {
                 taken_labels: &taken,
-                framing_meta: &framing.meta_names(),
+                framing_meta: &framing_meta,
             },
         )?
         .map(Arc::new);
+        if !s.formats.is_empty() && k8s.is_none() {
+            return Err(v.err(
+                format!("{key}.formats"),
+                "formats are chosen by a pod's annotation: the source needs kubernetes = true",
+            ));
+        }
+        let mut formats = Vec::with_capacity(s.formats.len());
+        for (name, f) in s.formats {
+            let k = format!("{key}.formats.{name}");
+            labels::validate_name(&name).map_err(|r| v.err(&k, format!("format name: {r}")))?;
+            let mut fr = framing.clone();
+            if let Some(m) = f.multiline {
+                fr.multiline = Some(validate_multiline(
+                    v,
+                    &format!("{k}.multiline"),
+                    m,
+                    max_line_bytes,
+                )?);
+            }
+            let stages = match f.stages {
+                None => stages.clone(),
+                Some(raw) => crate::stage::config::validate(
+                    v,
+                    &k,
+                    raw,
+                    &crate::stage::config::Context {
+                        taken_labels: &taken,
+                        framing_meta: &framing_meta,
+                    },
+                )?
+                .map(Arc::new),
+            };
+            formats.push(NamedFormat {
+                name,
+                framing: Arc::new(fr),
+                stages,
+            });
+        }
 
         Ok(SourceConfig {
             name: s.name,
@@ -447,6 +528,36 @@ impl SourceConfig {
                 .map(|root| v.path(root))
                 .collect(),
             stages,
+            kubernetes: k8s.is_some(),
+            formats,
         })
     }
+}
+
+fn validate_multiline(
+    v: &Validator,
+    key: &str,
+    m: RawMultiline,
+    max_line_bytes: usize,
+) -> Result<Multiline, ConfigError> {
+    let start = regex::bytes::Regex::new(&m.start)
+        .map_err(|e| v.err(format!("{key}.start"), format!("invalid regex: {e}")))?;
+    if m.max_lines == 0 {
+        return Err(v.err(format!("{key}.max_lines"), "must be above zero"));
+    }
+    let max_bytes = match m.max_bytes {
+        None => max_line_bytes.max(1 << 20),
+        Some(b) => v.size_between(
+            &format!("{key}.max_bytes"),
+            b,
+            max_line_bytes as u64,
+            64 << 20,
+        )?,
+    };
+    Ok(Multiline {
+        start,
+        max_lines: m.max_lines,
+        max_bytes,
+        timeout: v.positive(&format!("{key}.timeout"), m.timeout)?,
+    })
 }

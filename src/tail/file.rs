@@ -2,6 +2,7 @@
 //! growth, truncation, rotation and deletion.
 
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 
 use super::reader::{FileReader, ReadLines};
 use super::{FileState, Tailer, TrackedFile};
+use crate::k8s::{Metadata, View};
 use crate::pipeline::{Chunk, Entry, Meta, Position, Stream};
 use crate::stage::Runner;
 
@@ -23,25 +25,181 @@ pub(super) struct Context {
     pub tx: mpsc::Sender<Chunk>,
     pub max_partial_age: Duration,
     pub rotate_wait: Duration,
+    /// The file's source, an index of the tailer's.
+    pub source: usize,
+    /// The path that names the file's streams (where it was found).
+    pub named: PathBuf,
 }
 
-pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context) {
+/// What a file's entries become: its streams, its stages and the metadata its pod adds. Made
+/// from its source, and again whenever its pod's metadata changes.
+struct Shape {
+    streams: Vec<Arc<Stream>>,
+    runner: Option<Runner>,
+    meta_names: Arc<[String]>,
+    /// The pod's structured metadata, (index in `meta_names`, value), added to every entry.
+    pod_meta: Vec<(u8, Vec<u8>)>,
+    /// The pod or its container opted out.
+    exclude: bool,
+}
+
+impl Shape {
+    fn new(file: &TrackedFile, ctx: &Context, view: Option<&View>) -> Shape {
+        let tailer = &ctx.tailer;
+        let src = &tailer.sources[ctx.source];
+        let format = view
+            .and_then(|v| v.format.as_deref())
+            .and_then(|f| src.formats.iter().find(|x| x.name == f));
+        let framing = format.map_or(&src.framing, |f| &f.framing);
+        let pipeline = format.map_or(&src.stages, |f| &f.stages);
+        let tenant = view.and_then(|v| v.tenant.clone());
+        let streams: Vec<Arc<Stream>> = super::label_sets(src, &ctx.named)
+            .into_iter()
+            .map(|mut set| {
+                for (k, v) in view.map_or(&[][..], |v| &v.labels) {
+                    set = set.with(k, v);
+                }
+                tailer.streams.get(&set, tenant.clone())
+            })
+            .collect();
+        let mut names = framing.meta_names();
+        let mut pod_meta = Vec::new();
+        if let Some(k) = tailer.kube.as_ref().filter(|_| src.kubernetes) {
+            for (name, _) in &k.config().metadata {
+                if let Some((_, v)) = view.and_then(|v| v.metadata.iter().find(|(n, _)| n == name))
+                {
+                    pod_meta.push((names.len() as u8, v.as_bytes().to_vec()));
+                }
+                names.push(name.clone());
+            }
+        }
+        let base = names.len();
+        if let Some(p) = pipeline {
+            names.extend(p.meta_names().iter().cloned());
+        }
+        let runner = pipeline.clone().map(|p| {
+            Runner::new(
+                p,
+                &streams,
+                &tailer.streams,
+                base,
+                &file.source,
+                &tailer.metrics,
+            )
+        });
+        Shape {
+            streams,
+            runner,
+            meta_names: names.into(),
+            pod_meta,
+            exclude: view.is_some_and(|v| v.exclude),
+        }
+    }
+}
+
+/// A file's pod: where its metadata comes from.
+struct PodLink {
+    meta: Arc<Metadata>,
+    uid: String,
+    container: String,
+    formats: Vec<String>,
+    /// The cache generation `view` is of.
+    generation: u64,
+    view: Option<View>,
+}
+
+impl PodLink {
+    fn of(ctx: &Context) -> Option<PodLink> {
+        let src = &ctx.tailer.sources[ctx.source];
+        let meta = ctx.tailer.kube.clone().filter(|_| src.kubernetes)?;
+        let (uid, container) = crate::k8s::pod_of_path(&ctx.named)?;
+        Some(PodLink {
+            meta,
+            uid: uid.to_owned(),
+            container: container.to_owned(),
+            formats: src.formats.iter().map(|f| f.name.clone()).collect(),
+            generation: u64::MAX,
+            view: None,
+        })
+    }
+
+    /// Looks the pod up again if the cache changed; true if its view did. A pod gone from the
+    /// cache leaves the last view in place (its files are drained with its labels); the format
+    /// is the one the file started with (a framer holds state).
+    fn refresh(&mut self, file: &TrackedFile) -> bool {
+        let g = self.meta.generation();
+        if g == self.generation {
+            return false;
+        }
+        self.generation = g;
+        let Some(mut v) = self.meta.view(&self.uid, &self.container, &self.formats) else {
+            return false;
+        };
+        if let Some(old) = &self.view {
+            v.format = old.format.clone();
+        }
+        if self.view.as_ref() == Some(&v) {
+            return false;
+        }
+        for why in &v.refused {
+            if self
+                .view
+                .as_ref()
+                .is_none_or(|old| !old.refused.contains(why))
+            {
+                tracing::warn!(path = %file.path().display(), pod_uid = %self.uid, "annotation ignored: {why}");
+            }
+        }
+        self.view = Some(v);
+        true
+    }
+
+    /// Waits for the pod to be known, at most `kubernetes.wait`.
+    async fn wait(&mut self, file: &TrackedFile, ctx: &Context) {
+        let deadline = Instant::now() + self.meta.config().wait;
+        loop {
+            let seen = self.meta.generation();
+            self.refresh(file);
+            if self.view.is_some() {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.meta.note_missing(&ctx.named, &self.uid);
+                return;
+            }
+            tokio::select! {
+                _ = self.meta.changed(seen, left) => {}
+                _ = ctx.tailer.cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+pub(super) async fn run(file: Arc<TrackedFile>, mut reader: FileReader, ctx: Context) {
     let mut last_end = reader.position();
+    let mut pod = PodLink::of(&ctx);
+    let mut shape = match &mut pod {
+        None => Shape::new(&file, &ctx, None),
+        Some(pod) => {
+            pod.wait(&file, &ctx).await;
+            let src = &ctx.tailer.sources[ctx.source];
+            if let Some(f) = pod
+                .view
+                .as_ref()
+                .and_then(|v| v.format.as_deref())
+                .and_then(|f| src.formats.iter().find(|x| x.name == f))
+            {
+                reader.set_framing(f.framing.clone());
+            }
+            Shape::new(&file, &ctx, pod.view.as_ref())
+        }
+    };
     let mut reader = Some(reader);
     let mut partial_since: Option<Instant> = None;
     let mut rotated_since: Option<Instant> = None;
     let cancel = ctx.tailer.cancel.clone();
     let metrics = ctx.tailer.metrics.clone();
-    let mut stages = file.stages.clone().map(|p| {
-        Runner::new(
-            p,
-            &file.streams,
-            &ctx.tailer.streams,
-            file.framing_meta,
-            &file.source,
-            &metrics,
-        )
-    });
     'outer: loop {
         if cancel.is_cancelled() {
             break;
@@ -77,7 +235,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             reader = Some(r);
             match result {
                 Ok(Some(lines)) => {
-                    let sent = send(&file, &ctx, &mut stages, lines, &mut last_end).await;
+                    let sent = send(&file, &ctx, &mut shape, &mut pod, lines, &mut last_end).await;
                     drop(permit);
                     if !sent {
                         break 'outer;
@@ -133,7 +291,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             && let Some(lines) = r.flush_partial()
         {
             partial_since = None;
-            if !send(&file, &ctx, &mut stages, lines, &mut last_end).await {
+            if !send(&file, &ctx, &mut shape, &mut pod, lines, &mut last_end).await {
                 break;
             }
             continue;
@@ -155,7 +313,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
             });
             if since.elapsed() >= ctx.rotate_wait {
                 if let Some(lines) = r.flush_partial() {
-                    send(&file, &ctx, &mut stages, lines, &mut last_end).await;
+                    send(&file, &ctx, &mut shape, &mut pod, lines, &mut last_end).await;
                 }
                 break;
             }
@@ -188,18 +346,20 @@ pub(super) async fn run(file: Arc<TrackedFile>, reader: FileReader, ctx: Context
 fn send<'a>(
     file: &'a TrackedFile,
     ctx: &'a Context,
-    stages: &'a mut Option<Runner>,
+    shape: &'a mut Shape,
+    pod: &'a mut Option<PodLink>,
     lines: ReadLines,
     last_end: &'a mut Position,
 ) -> Pin<Box<impl Future<Output = bool> + 'a>> {
-    Box::pin(queue(file, ctx, stages, lines, last_end))
+    Box::pin(queue(file, ctx, shape, pod, lines, last_end))
 }
 
 /// [`send`], unboxed.
 async fn queue(
     file: &TrackedFile,
     ctx: &Context,
-    stages: &mut Option<Runner>,
+    shape: &mut Shape,
+    pod: &mut Option<PodLink>,
     lines: ReadLines,
     last_end: &mut Position,
 ) -> bool {
@@ -214,16 +374,37 @@ async fn queue(
     let mut entries = lines.entries;
     let mut data = lines.data;
     let mut meta = lines.meta;
+    // The pod's metadata changed since the last read: new lines take the new labels.
+    if let Some(p) = pod
+        && p.refresh(file)
+    {
+        *shape = Shape::new(file, ctx, p.view.as_ref());
+    }
+    if shape.exclude {
+        let n = entries.len() as u64;
+        if n > 0 {
+            metrics
+                .stage_dropped
+                .get_or_create(&crate::metrics::SourceReasonLabel {
+                    source: file.source.as_str().into(),
+                    reason: "excluded".into(),
+                })
+                .inc_by(n);
+        }
+        entries.clear();
+    } else if !shape.pod_meta.is_empty() {
+        add_pod_meta(&mut data, &mut entries, &mut meta, &shape.pod_meta);
+    }
     // The stages: entries dropped or rewritten, each routed to its stream. The position is
     // this read's end whatever is left.
     let mut hold = Duration::ZERO;
-    let routes: &[Arc<Stream>] = match stages {
+    let routes: &[Arc<Stream>] = match &mut shape.runner {
         Some(runner) => {
             let now = crate::pipeline::unix_nanos();
             hold = runner.apply(&mut data, &mut entries, &mut meta, &ctx.tailer.streams, now);
             runner.routes()
         }
-        None => &file.streams,
+        None => &shape.streams,
     };
     // Entries without a timestamp of their own get the read time, strictly increasing per
     // stream so that Loki keeps their order.
@@ -243,7 +424,7 @@ async fn queue(
         data: data.clone(),
         entries,
         meta: meta.clone(),
-        meta_names: file.meta_names.clone(),
+        meta_names: shape.meta_names.clone(),
         end: *last_end,
         caught_up: false,
     };
@@ -304,5 +485,37 @@ fn stamp(entries: &mut [Entry], routes: &[Arc<Stream>]) {
     for e in entries.iter_mut().filter(|e| e.ts == 0) {
         e.ts = next[e.sub as usize];
         next[e.sub as usize] += 1;
+    }
+}
+
+/// Adds the pod's metadata to every entry: the values once to the read's data, their fields
+/// after each entry's own.
+fn add_pod_meta(
+    data: &mut Vec<u8>,
+    entries: &mut [Entry],
+    meta: &mut Vec<Meta>,
+    pod: &[(u8, Vec<u8>)],
+) {
+    let mut fields = Vec::with_capacity(pod.len());
+    for (name, value) in pod {
+        let start = data.len() as u32;
+        data.extend_from_slice(value);
+        fields.push(Meta {
+            name: *name,
+            start,
+            end: data.len() as u32,
+        });
+    }
+    let own = std::mem::replace(
+        meta,
+        Vec::with_capacity(meta.len() + entries.len() * fields.len()),
+    );
+    for e in entries.iter_mut() {
+        let start = meta.len();
+        let from = e.meta_start as usize;
+        meta.extend_from_slice(&own[from..from + e.meta_len as usize]);
+        meta.extend_from_slice(&fields);
+        e.meta_start = start as u32;
+        e.meta_len = (meta.len() - start) as u16;
     }
 }

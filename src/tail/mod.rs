@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::loki::labels::{FILENAME, LabelSet};
 use crate::metrics::{Metrics, PathLabel};
-use crate::pipeline::{Chunk, Cursor, Position, Stream, Streams, lock};
+use crate::pipeline::{Chunk, Cursor, Position, Streams, lock};
 use crate::tail::config::{SourceConfig, StartAt, TailConfig};
 use checkpoint::{Entry, StateDir};
 use reader::{FileReader, hash, read_head};
@@ -64,13 +64,6 @@ pub struct TrackedFile {
     pub source: String,
     path: Mutex<PathBuf>,
     pub cursor: Arc<Cursor>,
-    /// The file's Loki streams: one, or stdout and stderr when the stream is a label.
-    streams: Vec<Arc<Stream>>,
-    meta_names: Arc<[String]>,
-    /// The source's stages, if it has any.
-    stages: Option<Arc<crate::stage::Pipeline>>,
-    /// How many of `meta_names` the framing sets (the stages' follow).
-    framing_meta: usize,
     read_offset: AtomicU64,
     size: AtomicU64,
     head: Mutex<(u32, u64)>,
@@ -185,6 +178,8 @@ pub struct Tailer {
     /// every file would hold a read buffer while the pipeline is full (a thousand files, a
     /// quarter of a gigabyte).
     read_permits: Arc<tokio::sync::Semaphore>,
+    /// Pod metadata for the sources that ask for it.
+    kube: Option<Arc<crate::k8s::Metadata>>,
 }
 
 /// How many files may hold a chunk that is read but not yet queued.
@@ -197,6 +192,7 @@ impl Tailer {
         state_dir: StateDir,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
+        kube: Option<Arc<crate::k8s::Metadata>>,
     ) -> Arc<Self> {
         let loaded = state_dir.load();
         Arc::new(Tailer {
@@ -213,6 +209,7 @@ impl Tailer {
             cancel,
             tasks: TaskTracker::new(),
             read_permits: Arc::new(tokio::sync::Semaphore::new(READS_IN_FLIGHT)),
+            kube,
         })
     }
 
@@ -464,17 +461,12 @@ impl Tailer {
                 return;
             }
         };
-        let streams = self.streams_for(src, &path);
         let tracked = Arc::new(TrackedFile {
             dev: key.0,
             ino: key.1,
             source: src.name.clone(),
             path: Mutex::new(path.clone()),
             cursor: Arc::new(Cursor::new(start)),
-            streams,
-            meta_names: src.meta_names().into(),
-            stages: src.stages.clone(),
-            framing_meta: src.framing.meta_names().len(),
             read_offset: AtomicU64::new(start.offset),
             size: AtomicU64::new(fmeta.len()),
             head: Mutex::new(reader.fingerprint()),
@@ -503,6 +495,8 @@ impl Tailer {
                 .as_ref()
                 .map_or(src.partial_line_timeout, |m| m.timeout),
             rotate_wait: src.rotate_wait,
+            source,
+            named: path,
         };
         self.tasks.spawn(file::run(tracked, reader, ctx));
     }
@@ -648,14 +642,6 @@ impl Tailer {
             tracing::warn!(path = %path.display(), target = %target.display(), source = %src.name, "not following a symlink whose target matches none of the source's globs; add its directory to the source's follow_symlinks_under if it should be read");
         }
         false
-    }
-
-    /// The Loki streams of a file (see [`label_sets`]).
-    fn streams_for(&self, src: &SourceConfig, path: &Path) -> Vec<Arc<Stream>> {
-        label_sets(src, path)
-            .into_iter()
-            .map(|set| self.streams.get(&set, None))
-            .collect()
     }
 
     /// Where to start reading a newly found file: its checkpoint if it is provably the same file,
@@ -941,6 +927,7 @@ mod rotation_tests {
             StateDir::open(&dir.join("state")).unwrap(),
             Arc::new(Metrics::new()),
             CancellationToken::new(),
+            None,
         )
     }
 

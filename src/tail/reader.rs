@@ -109,6 +109,13 @@ impl FileReader {
         Ok(r)
     }
 
+    /// Frames what is read from now on with `framing` (the format a file's pod chose). Only
+    /// before the first read: a framer holds state between reads.
+    pub fn set_framing(&mut self, framing: Arc<Framing>) {
+        self.max_line = framing.record_limit();
+        self.framer = (!framing.is_plain()).then(|| Framer::new(framing));
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }

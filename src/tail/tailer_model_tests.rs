@@ -131,6 +131,8 @@ pub(super) fn source(dir: &Path) -> SourceConfig {
         path_labels: None,
         follow_symlinks_under: Vec::new(),
         stages: None,
+        kubernetes: false,
+        formats: Vec::new(),
     }
 }
 
@@ -165,6 +167,7 @@ fn start(dir: &Path, state: &Path, received: &Received, seed: u64) -> Instance {
         state_dir,
         Arc::new(Metrics::new()),
         cancel.clone(),
+        None,
     );
     let (tx, mut rx) = mpsc::channel::<Chunk>(8);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();

@@ -13,6 +13,7 @@ mod e2e;
 mod faults;
 mod formats;
 mod identity;
+mod kubernetes;
 mod pki_profile;
 mod probes;
 mod receiver_selftest;

@@ -1,0 +1,649 @@
+//! Kubernetes metadata: the pods scheduled on this node and the namespaces' labels, listed and
+//! watched through the API server with the pod's service account, and what a log file's pod
+//! makes of its streams ([`Metadata::view`]).
+//!
+//! The contract with the tailer:
+//! - A file is matched to its pod by the UID in the kubelet's path
+//!   (`/var/log/pods/<namespace>_<pod>_<uid>/<container>/<n>.log`) and to its container by the
+//!   directory name. Nothing else about the path is trusted.
+//! - Metadata never holds a line back for long: a new file waits at most `kubernetes.wait` for
+//!   its pod, then ships with its path's labels (counted in
+//!   `ztail_kubernetes_metadata_missing_total`) and takes the pod's labels once it is known.
+//! - Every change of the cache bumps a generation; a file's task compares it once per read and
+//!   only then asks for its view again, so an unchanged cluster costs one atomic load per read.
+//! - A deleted pod stays in the cache for [`DELETED_KEEP`] (its files are drained with its
+//!   labels), and a file keeps the last view it had while its pod is gone.
+//! - An unreachable API server stops nothing: the cache is kept, the watch is retried with
+//!   backoff (resumed from its resourceVersion, relisted on `410 Gone`: `kube`'s watcher), and
+//!   `/readyz`, `/status` and `ztail_kubernetes_api_up` say so.
+//!
+//! The cache keeps only what the config reads: the pod labels, annotations and namespace
+//! labels it names, the control annotations, container names and images, and the controller.
+
+pub mod config;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod as ApiPod};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tokio_util::sync::CancellationToken;
+
+use crate::loki::labels;
+use crate::metrics::{KindLabel, Metrics};
+use crate::pipeline::lock;
+pub use config::{Field, KubernetesConfig};
+
+/// How long a deleted pod's metadata is kept for files still being drained.
+pub const DELETED_KEEP: Duration = Duration::from_secs(600);
+/// Namespaces kept in memory at most.
+const MAX_NAMESPACES: usize = 10_000;
+
+/// What the cache knows of one pod.
+#[derive(Debug)]
+struct Pod {
+    namespace: String,
+    name: String,
+    uid: String,
+    /// The labels and annotations the config reads (and the control annotations).
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    /// (name, image) of every container, init and ephemeral ones included.
+    containers: Vec<(String, String)>,
+    /// The controller: (kind, name).
+    owner: Option<(String, String)>,
+    template_hash: Option<String>,
+    deleted: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Store {
+    pods: HashMap<String, Arc<Pod>>,
+    namespaces: HashMap<String, BTreeMap<String, String>>,
+    /// Pods left out because the cache was full.
+    overflow: u64,
+}
+
+/// The API server as the watches last saw it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ApiStatus {
+    pub connected: bool,
+    pub pods_listed: bool,
+    pub namespaces_listed: bool,
+    pub last_error: Option<String>,
+    pub last_error_unix: i64,
+    pub pods: usize,
+}
+
+/// What a file's pod makes of its streams and entries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct View {
+    /// Stream labels added to the file's own.
+    pub labels: Vec<(String, String)>,
+    /// Structured metadata of every entry.
+    pub metadata: Vec<(String, String)>,
+    /// The pod or this container opted out: its entries are dropped, counted.
+    pub exclude: bool,
+    /// A format of the source the pod chose.
+    pub format: Option<String>,
+    /// A tenant among `kubernetes.tenants` the pod chose.
+    pub tenant: Option<Arc<str>>,
+    /// Annotations that asked for something the operator does not allow.
+    pub refused: Vec<String>,
+}
+
+pub struct Metadata {
+    cfg: KubernetesConfig,
+    store: Mutex<Store>,
+    generation: tokio::sync::watch::Sender<u64>,
+    status: Mutex<ApiStatus>,
+    metrics: Arc<Metrics>,
+    pod_labels: HashSet<String>,
+    pod_annotations: HashSet<String>,
+    namespace_labels: HashSet<String>,
+    missing: AtomicU64,
+}
+
+/// The pod UID and container name in a kubelet log path, if it is one.
+pub fn pod_of_path(path: &std::path::Path) -> Option<(&str, &str)> {
+    let mut parts = path.to_str()?.rsplit('/');
+    let _file = parts.next()?;
+    let container = parts.next()?;
+    let pod_dir = parts.next()?;
+    let uid = pod_dir.rsplit('_').next()?;
+    (pod_dir.matches('_').count() >= 2 && !uid.is_empty() && !container.is_empty())
+        .then_some((uid, container))
+}
+
+impl Metadata {
+    pub fn new(cfg: KubernetesConfig, metrics: Arc<Metrics>) -> Arc<Metadata> {
+        let mut pod_labels = HashSet::new();
+        let mut pod_annotations = HashSet::new();
+        let mut namespace_labels = HashSet::new();
+        for (_, f) in cfg.labels.iter().chain(&cfg.metadata) {
+            match f {
+                Field::PodLabel(k) => pod_labels.insert(k.clone()),
+                Field::PodAnnotation(k) => pod_annotations.insert(k.clone()),
+                Field::NamespaceLabel(k) => namespace_labels.insert(k.clone()),
+                _ => false,
+            };
+        }
+        Arc::new(Metadata {
+            cfg,
+            store: Mutex::default(),
+            generation: tokio::sync::watch::Sender::new(0),
+            status: Mutex::default(),
+            metrics,
+            pod_labels,
+            pod_annotations,
+            namespace_labels,
+            missing: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &KubernetesConfig {
+        &self.cfg
+    }
+
+    /// Starts the watches; they run until `cancel`.
+    pub fn spawn(self: &Arc<Self>, cancel: CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = me.run() => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+
+    /// Bumped on every change of the cache.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// Waits until the cache changes after `seen`, or `timeout`.
+    pub async fn changed(&self, seen: u64, timeout: Duration) {
+        let mut rx = self.generation.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|g| *g != seen)).await;
+    }
+
+    /// A file whose pod was not known within the wait: counted and logged.
+    pub fn note_missing(&self, path: &std::path::Path, uid: &str) {
+        self.missing.fetch_add(1, Ordering::Relaxed);
+        self.metrics.kubernetes_metadata_missing.inc();
+        tracing::warn!(path = %path.display(), pod_uid = uid, wait = ?self.cfg.wait, api = ?lock(&self.status).last_error, "pod not known to the API server within the wait: shipping with the path's labels until it is");
+    }
+
+    pub fn status(&self) -> ApiStatus {
+        let mut s = lock(&self.status).clone();
+        s.pods = lock(&self.store).pods.len();
+        s
+    }
+
+    /// What is missing, for `/readyz`: `None` when the cache is synced and watched.
+    pub fn degraded(&self) -> Option<String> {
+        let s = lock(&self.status);
+        if s.connected && s.pods_listed && s.namespaces_listed {
+            return None;
+        }
+        Some(match &s.last_error {
+            Some(e) => format!(
+                "kubernetes metadata unavailable ({e}); shipping with path labels and cached metadata"
+            ),
+            None => "kubernetes metadata: pods not listed yet".into(),
+        })
+    }
+
+    /// What the pod with `uid` makes of its container's files, if the pod is known.
+    pub fn view(&self, uid: &str, container: &str, formats: &[String]) -> Option<View> {
+        let store = lock(&self.store);
+        let pod = store.pods.get(uid)?.clone();
+        let ns = store.namespaces.get(&pod.namespace);
+        let mut v = View::default();
+        let value = |f: &Field| -> Option<String> {
+            Some(match f {
+                Field::Node => self.cfg.node_name.clone(),
+                Field::Namespace => pod.namespace.clone(),
+                Field::Pod => pod.name.clone(),
+                Field::PodUid => pod.uid.clone(),
+                Field::Container => container.to_owned(),
+                Field::ContainerImage => pod
+                    .containers
+                    .iter()
+                    .find(|(n, _)| n == container)
+                    .map(|(_, i)| i.clone())?,
+                Field::OwnerKind => pod.owner.as_ref()?.0.clone(),
+                Field::OwnerName => pod.owner.as_ref()?.1.clone(),
+                Field::Workload => workload(&pod)?,
+                Field::PodLabel(k) => pod.labels.get(k)?.clone(),
+                Field::PodAnnotation(k) => pod.annotations.get(k)?.clone(),
+                Field::NamespaceLabel(k) => ns?.get(k)?.clone(),
+            })
+        };
+        for (name, f) in &self.cfg.labels {
+            if let Some(val) = value(f).filter(|s| labels::validate_value(s).is_ok()) {
+                v.labels.push((name.clone(), val));
+            }
+        }
+        for (name, f) in &self.cfg.metadata {
+            if let Some(val) = value(f).filter(|s| !s.is_empty()) {
+                v.metadata.push((name.clone(), val));
+            }
+        }
+        drop(store);
+        let ann = |name: &str| {
+            pod.annotations
+                .get(&format!("{}{name}", self.cfg.annotation_prefix))
+                .map(|s| s.trim())
+        };
+        let p = &self.cfg.annotation_prefix;
+        v.exclude = ann("exclude").is_some_and(|s| s.eq_ignore_ascii_case("true"))
+            || ann("exclude-containers")
+                .is_some_and(|s| s.split(',').any(|c| c.trim() == container));
+        if let Some(f) = ann("format") {
+            match formats.iter().any(|x| x == f) {
+                true => v.format = Some(f.to_owned()),
+                false => v.refused.push(format!(
+                    "{p}format {f:?} is not a format of this source ({})",
+                    formats.join(", ")
+                )),
+            }
+        }
+        if let Some(t) = ann("tenant") {
+            match self.cfg.tenants.iter().any(|x| x == t) {
+                true => v.tenant = Some(t.into()),
+                false => v
+                    .refused
+                    .push(format!("{p}tenant {t:?} is not in kubernetes.tenants")),
+            }
+        }
+        if let Some(list) = ann("labels") {
+            for pair in list.split(',').filter(|s| !s.trim().is_empty()) {
+                let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
+                let (k, val) = (k.trim(), val.trim());
+                if !self.cfg.annotation_labels.iter().any(|x| x == k) {
+                    v.refused.push(format!(
+                        "{p}labels: {k:?} is not in kubernetes.annotation_labels"
+                    ));
+                } else if labels::validate_value(val).is_err() {
+                    v.refused.push(format!(
+                        "{p}labels: the value of {k:?} is not a valid label value"
+                    ));
+                } else if !v.labels.iter().any(|(n, _)| n == k) {
+                    v.labels.push((k.to_owned(), val.to_owned()));
+                }
+            }
+        }
+        v.labels.sort();
+        Some(v)
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+        self.metrics
+            .kubernetes_pods
+            .set(lock(&self.store).pods.len() as i64);
+    }
+
+    fn failed(&self, resource: &str, e: &dyn std::fmt::Display) {
+        self.metrics
+            .kubernetes_watch_errors
+            .get_or_create(&KindLabel {
+                kind: resource.into(),
+            })
+            .inc();
+        self.metrics.kubernetes_api_up.set(0);
+        let msg = format!("{resource}: {e}");
+        let mut s = lock(&self.status);
+        // Logged when the error changes, not on every retry of an outage.
+        if s.connected || s.last_error.as_deref() != Some(&msg) {
+            tracing::warn!(api_server = %self.cfg.api_server, error = %msg, "kubernetes API server: watch failed; retrying with backoff, shipping continues with cached metadata");
+        }
+        s.connected = false;
+        s.last_error = Some(msg);
+        s.last_error_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+    }
+
+    fn connected(&self) {
+        let mut s = lock(&self.status);
+        if !s.connected {
+            if s.last_error.is_some() {
+                tracing::info!(api_server = %self.cfg.api_server, "kubernetes API server reachable again");
+            }
+            s.connected = true;
+            self.metrics.kubernetes_api_up.set(1);
+        }
+    }
+
+    fn client(&self) -> Result<kube::Client, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let ca = &self.cfg.ca_file;
+        let roots: Vec<Vec<u8>> = CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.map(|c| c.map(|c| c.to_vec())).collect())
+            .map_err(|e| format!("cannot read the API server's CA {}: {e}", ca.display()))?;
+        if roots.is_empty() {
+            return Err(format!("{} holds no PEM certificate", ca.display()));
+        }
+        let mut cfg = kube::Config::new(self.cfg.api_server.clone());
+        cfg.root_cert = Some(roots);
+        cfg.root_cert_file = Some(ca.clone());
+        cfg.auth_info.token_file = Some(self.cfg.token_file.to_string_lossy().into_owned());
+        cfg.connect_timeout = Some(Duration::from_secs(10));
+        kube::Client::try_from(cfg).map_err(|e| {
+            format!(
+                "cannot make a client for {} (token {}): {e}",
+                self.cfg.api_server,
+                self.cfg.token_file.display()
+            )
+        })
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut delay = Duration::from_secs(1);
+        let client = loop {
+            match self.client() {
+                Ok(c) => break c,
+                Err(e) => {
+                    self.failed("client", &e);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        };
+        tokio::join!(
+            self.clone().watch_pods(client.clone()),
+            self.clone().watch_namespaces(client)
+        );
+    }
+
+    async fn watch_pods(self: Arc<Self>, client: kube::Client) {
+        let api: kube::Api<ApiPod> = kube::Api::all(client);
+        let cfg =
+            watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node_name));
+        let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
+        let mut listed: HashSet<String> = HashSet::new();
+        let mut sweep = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            let ev = tokio::select! {
+                ev = events.next() => ev,
+                _ = sweep.tick() => { self.sweep(); continue; }
+            };
+            let Some(ev) = ev else { break };
+            match ev {
+                Err(e) => self.failed("pods", &e),
+                Ok(Event::Init) => {
+                    self.connected();
+                    listed.clear();
+                }
+                Ok(Event::InitApply(p)) => {
+                    self.connected();
+                    if let Some(uid) = self.apply_pod(&p) {
+                        listed.insert(uid);
+                    }
+                }
+                Ok(Event::InitDone) => {
+                    self.connected();
+                    // A relist (after 410 Gone or a restart): pods not in it were deleted.
+                    let now = Instant::now();
+                    let mut store = lock(&self.store);
+                    for (uid, pod) in store.pods.iter_mut() {
+                        if pod.deleted.is_none() && !listed.contains(uid) {
+                            *pod = Arc::new(Pod {
+                                deleted: Some(now),
+                                ..clone_pod(pod)
+                            });
+                        }
+                    }
+                    drop(store);
+                    lock(&self.status).pods_listed = true;
+                    listed.clear();
+                    self.bump();
+                }
+                Ok(Event::Apply(p)) => {
+                    self.connected();
+                    self.apply_pod(&p);
+                }
+                Ok(Event::Delete(p)) => {
+                    self.connected();
+                    if let Some(uid) = p.metadata.uid.as_deref() {
+                        let mut store = lock(&self.store);
+                        if let Some(pod) = store.pods.get_mut(uid) {
+                            *pod = Arc::new(Pod {
+                                deleted: Some(Instant::now()),
+                                ..clone_pod(pod)
+                            });
+                        }
+                        drop(store);
+                        self.bump();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn watch_namespaces(self: Arc<Self>, client: kube::Client) {
+        let api: kube::Api<Namespace> = kube::Api::all(client);
+        let mut events = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut listed: HashSet<String> = HashSet::new();
+        while let Some(ev) = events.next().await {
+            match ev {
+                Err(e) => self.failed("namespaces", &e),
+                Ok(Event::Init) => listed.clear(),
+                Ok(Event::InitApply(ns)) => {
+                    if let Some(name) = self.apply_namespace(&ns) {
+                        listed.insert(name);
+                    }
+                }
+                Ok(Event::InitDone) => {
+                    lock(&self.store)
+                        .namespaces
+                        .retain(|name, _| listed.contains(name));
+                    lock(&self.status).namespaces_listed = true;
+                    listed.clear();
+                    self.bump();
+                }
+                Ok(Event::Apply(ns)) => {
+                    self.apply_namespace(&ns);
+                }
+                Ok(Event::Delete(ns)) => {
+                    if let Some(name) = &ns.metadata.name {
+                        lock(&self.store).namespaces.remove(name);
+                        self.bump();
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_namespace(&self, ns: &Namespace) -> Option<String> {
+        let name = ns.metadata.name.clone()?;
+        let labels: BTreeMap<String, String> = ns
+            .metadata
+            .labels
+            .iter()
+            .flatten()
+            .filter(|(k, _)| self.namespace_labels.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut store = lock(&self.store);
+        if store.namespaces.get(&name) == Some(&labels) {
+            return Some(name);
+        }
+        if store.namespaces.len() >= MAX_NAMESPACES && !store.namespaces.contains_key(&name) {
+            return Some(name);
+        }
+        store.namespaces.insert(name.clone(), labels);
+        drop(store);
+        self.bump();
+        Some(name)
+    }
+
+    /// Caches a pod (only what the config reads); its UID.
+    fn apply_pod(&self, p: &ApiPod) -> Option<String> {
+        let m = &p.metadata;
+        let uid = m.uid.clone()?;
+        let prefix = &self.cfg.annotation_prefix;
+        let mut containers = Vec::new();
+        if let Some(spec) = &p.spec {
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
+                containers.push((c.name.clone(), c.image.clone().unwrap_or_default()));
+            }
+            for c in spec.ephemeral_containers.iter().flatten() {
+                containers.push((c.name.clone(), c.image.clone().unwrap_or_default()));
+            }
+        }
+        let pod = Pod {
+            namespace: m.namespace.clone().unwrap_or_default(),
+            name: m.name.clone().unwrap_or_default(),
+            uid: uid.clone(),
+            labels: m
+                .labels
+                .iter()
+                .flatten()
+                .filter(|(k, _)| self.pod_labels.contains(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            annotations: m
+                .annotations
+                .iter()
+                .flatten()
+                .filter(|(k, _)| self.pod_annotations.contains(*k) || k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            containers,
+            owner: m
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map(|o| (o.kind.clone(), o.name.clone())),
+            template_hash: m
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("pod-template-hash").cloned()),
+            deleted: None,
+        };
+        let mut store = lock(&self.store);
+        if let Some(old) = store.pods.get(&uid)
+            && same_pod(old, &pod)
+        {
+            return Some(uid);
+        }
+        if !store.pods.contains_key(&uid) && store.pods.len() >= self.cfg.max_pods {
+            evict_deleted(&mut store, self.cfg.max_pods - 1);
+            if store.pods.len() >= self.cfg.max_pods {
+                store.overflow += 1;
+                tracing::warn!(pod = %pod.name, namespace = %pod.namespace, max_pods = self.cfg.max_pods, "kubernetes.max_pods reached: this pod's files ship with their path's labels");
+                return Some(uid);
+            }
+        }
+        store.pods.insert(uid.clone(), Arc::new(pod));
+        drop(store);
+        self.bump();
+        Some(uid)
+    }
+
+    /// Forgets pods deleted more than [`DELETED_KEEP`] ago.
+    fn sweep(&self) {
+        let mut store = lock(&self.store);
+        let before = store.pods.len();
+        store
+            .pods
+            .retain(|_, p| p.deleted.is_none_or(|at| at.elapsed() < DELETED_KEEP));
+        let changed = store.pods.len() != before;
+        drop(store);
+        if changed {
+            self.bump();
+        }
+    }
+}
+
+fn same_pod(a: &Pod, b: &Pod) -> bool {
+    a.deleted.is_none()
+        && a.labels == b.labels
+        && a.annotations == b.annotations
+        && a.containers == b.containers
+        && a.owner == b.owner
+        && a.template_hash == b.template_hash
+        && a.name == b.name
+        && a.namespace == b.namespace
+}
+
+fn clone_pod(p: &Pod) -> Pod {
+    Pod {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        uid: p.uid.clone(),
+        labels: p.labels.clone(),
+        annotations: p.annotations.clone(),
+        containers: p.containers.clone(),
+        owner: p.owner.clone(),
+        template_hash: p.template_hash.clone(),
+        deleted: p.deleted,
+    }
+}
+
+/// Makes room by forgetting the longest-deleted pods, down to `keep`.
+fn evict_deleted(store: &mut Store, keep: usize) {
+    let mut deleted: Vec<(Instant, String)> = store
+        .pods
+        .iter()
+        .filter_map(|(uid, p)| p.deleted.map(|at| (at, uid.clone())))
+        .collect();
+    deleted.sort();
+    for (_, uid) in deleted {
+        if store.pods.len() <= keep {
+            break;
+        }
+        store.pods.remove(&uid);
+    }
+}
+
+/// The Deployment of a ReplicaSet's pod (the ReplicaSet's name less its `-<pod-template-hash>`),
+/// else the controller's name.
+fn workload(p: &Pod) -> Option<String> {
+    let (kind, name) = p.owner.as_ref()?;
+    if kind == "ReplicaSet"
+        && let Some(hash) = &p.template_hash
+        && let Some(base) = name
+            .strip_suffix(hash.as_str())
+            .and_then(|b| b.strip_suffix('-'))
+    {
+        return Some(base.to_owned());
+    }
+    Some(name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubelet_paths_name_their_pod_and_container() {
+        let p = std::path::Path::new(
+            "/var/log/pods/default_web-7d4b9_0b7a1c2e-1111-2222-3333-444455556666/nginx/0.log",
+        );
+        assert_eq!(
+            pod_of_path(p),
+            Some(("0b7a1c2e-1111-2222-3333-444455556666", "nginx"))
+        );
+        assert_eq!(pod_of_path(std::path::Path::new("/var/log/syslog")), None);
+        assert_eq!(
+            pod_of_path(std::path::Path::new("/var/log/app/x/1.log")),
+            None
+        );
+    }
+}
