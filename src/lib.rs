@@ -91,6 +91,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         background.clone(),
     )?;
     let reading = CancellationToken::new();
+    if let Some(why) = config.kubernetes.as_ref().and_then(|k| k.unresolved()) {
+        anyhow::bail!("{}: {why}", config.file.display());
+    }
     let kube = config.kubernetes.map(|k| {
         let meta = k8s::Metadata::new(k, metrics.clone());
         meta.spawn(background.clone());

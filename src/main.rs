@@ -157,6 +157,19 @@ fn check(path: &std::path::Path) -> ExitCode {
         config.sources.len(),
         config.sink.url
     );
+    if let Some(k) = &config.kubernetes {
+        if let Some(why) = k.unresolved() {
+            eprintln!("ztail: warning: {why} (fine off the node; `ztail run` needs it)");
+        }
+        // What a pod may ask for by annotation: only ever a narrowing of this config.
+        for src in config.sources.iter().filter(|s| s.kubernetes) {
+            let formats: Vec<String> = src.formats.iter().map(|f| f.name.clone()).collect();
+            println!("source {:?}: pod annotations accepted:", src.name);
+            for line in k.describe_annotations(&formats) {
+                println!("  {line}");
+            }
+        }
+    }
     ExitCode::SUCCESS
 }
 

@@ -15,9 +15,10 @@ pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceacc
 
 #[derive(Debug, Clone)]
 pub struct KubernetesConfig {
-    /// `spec.nodeName` of the pods whose logs are on this node.
+    /// `spec.nodeName` of the pods whose logs are on this node; empty if not configured and
+    /// not in the environment (see [`KubernetesConfig::unresolved`]).
     pub node_name: String,
-    pub api_server: http::Uri,
+    pub api_server: Option<http::Uri>,
     /// Re-read at least once a minute: projected tokens rotate hourly.
     pub token_file: PathBuf,
     pub ca_file: PathBuf,
@@ -130,45 +131,41 @@ impl KubernetesConfig {
         raw: RawKubernetes,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<KubernetesConfig, ConfigError> {
-        let node_name = match raw.node_name.or_else(|| env("NODE_NAME")) {
-            Some(n) if !n.trim().is_empty() => n.trim().to_owned(),
-            _ => {
-                return Err(v.err(
-                    "kubernetes.node_name",
-                    "not set and NODE_NAME is not in the environment: give the DaemonSet `env: [{name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]`",
-                ));
-            }
-        };
+        // In a pod both come from the environment; elsewhere (`ztail check` on a laptop, in CI)
+        // their absence is reported by `unresolved`, and `ztail run` refuses to start.
+        let node_name = raw
+            .node_name
+            .or_else(|| env("NODE_NAME"))
+            .map(|n| n.trim().to_owned())
+            .unwrap_or_default();
         let api_server = match raw.api_server {
-            Some(url) => url,
+            Some(url) => Some(url),
             None => match (
                 env("KUBERNETES_SERVICE_HOST"),
                 env("KUBERNETES_SERVICE_PORT"),
             ) {
                 (Some(host), Some(port)) if host.contains(':') => {
-                    format!("https://[{host}]:{port}")
+                    Some(format!("https://[{host}]:{port}"))
                 }
-                (Some(host), Some(port)) => format!("https://{host}:{port}"),
-                _ => {
-                    return Err(v.err(
-                        "kubernetes.api_server",
-                        "not set and KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not in the environment (they are in every pod): set api_server = \"https://HOST:PORT\"",
-                    ));
-                }
+                (Some(host), Some(port)) => Some(format!("https://{host}:{port}")),
+                _ => None,
             },
         };
-        let api_server: http::Uri = api_server.parse().map_err(|e| {
-            v.err(
-                "kubernetes.api_server",
-                format!("invalid URL {api_server:?}: {e}"),
-            )
-        })?;
-        if api_server.scheme_str() != Some("https") || api_server.host().is_none() {
-            return Err(v.err(
-                "kubernetes.api_server",
-                format!("{api_server} must be an https:// URL: a service account token is never sent in plaintext"),
-            ));
-        }
+        let api_server = match api_server {
+            None => None,
+            Some(url) => {
+                let uri: http::Uri = url.parse().map_err(|e| {
+                    v.err("kubernetes.api_server", format!("invalid URL {url:?}: {e}"))
+                })?;
+                if uri.scheme_str() != Some("https") || uri.host().is_none() {
+                    return Err(v.err(
+                        "kubernetes.api_server",
+                        format!("{uri} must be an https:// URL: a service account token is never sent in plaintext"),
+                    ));
+                }
+                Some(uri)
+            }
+        };
         let sa = PathBuf::from(SERVICE_ACCOUNT_DIR);
         let mut taken: Vec<&str> = Vec::new();
         let fields = |table: &str, raw: BTreeMap<String, String>| {
@@ -241,6 +238,18 @@ impl KubernetesConfig {
             annotation_labels: raw.annotation_labels,
             max_pods: raw.max_pods,
         })
+    }
+
+    /// What the environment must still provide: `ztail check` warns, `ztail run` refuses.
+    pub fn unresolved(&self) -> Option<String> {
+        let mut missing = Vec::new();
+        if self.node_name.is_empty() {
+            missing.push("kubernetes.node_name is not set and NODE_NAME is not in the environment: give the DaemonSet `env: [{name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]`");
+        }
+        if self.api_server.is_none() {
+            missing.push("kubernetes.api_server is not set and KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not in the environment (the kubelet sets them in every pod): set api_server = \"https://HOST:PORT\"");
+        }
+        (!missing.is_empty()).then(|| missing.join("; "))
     }
 
     /// Every stream label name the metadata can set: configured ones and those annotations may.

@@ -301,7 +301,7 @@ impl Metadata {
         let mut s = lock(&self.status);
         // Logged when the error changes, not on every retry of an outage.
         if s.connected || s.last_error.as_deref() != Some(&msg) {
-            tracing::warn!(api_server = %self.cfg.api_server, error = %msg, "kubernetes API server: watch failed; retrying with backoff, shipping continues with cached metadata");
+            tracing::warn!(api_server = ?self.cfg.api_server, error = %msg, "kubernetes API server: watch failed; retrying with backoff, shipping continues with cached metadata");
         }
         s.connected = false;
         s.last_error = Some(msg);
@@ -314,7 +314,7 @@ impl Metadata {
         let mut s = lock(&self.status);
         if !s.connected {
             if s.last_error.is_some() {
-                tracing::info!(api_server = %self.cfg.api_server, "kubernetes API server reachable again");
+                tracing::info!(api_server = ?self.cfg.api_server, "kubernetes API server reachable again");
             }
             s.connected = true;
             self.metrics.kubernetes_api_up.set(1);
@@ -331,15 +331,19 @@ impl Metadata {
         if roots.is_empty() {
             return Err(format!("{} holds no PEM certificate", ca.display()));
         }
-        let mut cfg = kube::Config::new(self.cfg.api_server.clone());
+        let url = self
+            .cfg
+            .api_server
+            .clone()
+            .ok_or("kubernetes.api_server is not known")?;
+        let mut cfg = kube::Config::new(url.clone());
         cfg.root_cert = Some(roots);
         cfg.root_cert_file = Some(ca.clone());
         cfg.auth_info.token_file = Some(self.cfg.token_file.to_string_lossy().into_owned());
         cfg.connect_timeout = Some(Duration::from_secs(10));
         kube::Client::try_from(cfg).map_err(|e| {
             format!(
-                "cannot make a client for {} (token {}): {e}",
-                self.cfg.api_server,
+                "cannot make a client for {url} (token {}): {e}",
                 self.cfg.token_file.display()
             )
         })
@@ -488,7 +492,7 @@ impl Metadata {
     }
 
     /// Caches a pod (only what the config reads); its UID.
-    fn apply_pod(&self, p: &ApiPod) -> Option<String> {
+    pub fn apply_pod(&self, p: &ApiPod) -> Option<String> {
         let m = &p.metadata;
         let uid = m.uid.clone()?;
         let prefix = &self.cfg.annotation_prefix;

@@ -65,6 +65,13 @@ fn the_daemonset_mounts_what_its_config_uses() {
         "probe uses the admin address"
     );
     assert!(ds.contains("readOnlyRootFilesystem: true"));
+    // Kubernetes metadata: the node's name from the downward API, and exactly the RBAC the
+    // tests grant against the real API server (get, list, watch on pods and namespaces).
+    assert!(c.kubernetes.is_some());
+    assert!(ds.contains("name: NODE_NAME") && ds.contains("fieldPath: spec.nodeName"));
+    assert!(ds.contains("resources: [\"pods\", \"namespaces\"]"));
+    assert!(ds.contains("verbs: [\"get\", \"list\", \"watch\"]"));
+    assert!(ds.contains("serviceAccountName: ztail") && ds.contains("kind: ClusterRoleBinding"));
 }
 
 #[test]
