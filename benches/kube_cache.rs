@@ -3,11 +3,24 @@
 //! them (managed fields, status, owner). Measured with a counting allocator: bytes still
 //! allocated after the pods were applied, less those before (the baseline of the same run).
 //!
-//!   cargo bench --bench kube_cache
+//!   cargo bench --bench kube_cache            # the cache alone, in process
+//!   cargo bench --bench kube_cache -- rss     # two release ztails against a real API server
 //!
 //! Two configs: the deploy example's (3 labels and 1 annotation read), and one that reads every
 //! label and annotation (the cache keeps only what the config reads). Prints each delta and its
 //! share of the 5 MiB budget; exits non-zero beyond it.
+//!
+//! `rss` starts etcd and kube-apiserver (`scripts/tools`), creates the 110 pods through the API
+//! with a log file each at its kubelet path, and runs two ztails over the same files, one
+//! without `[kubernetes]` (the baseline) and one with it reading every label and annotation;
+//! once both have shipped every line it prints their resident and peak memory and the
+//! difference. Not run by `cargo test`.
+
+#[allow(dead_code)]
+mod common;
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -123,6 +136,14 @@ fn config(all: bool) -> KubernetesConfig {
 }
 
 fn main() {
+    if common::args().iter().any(|a| a == "rss") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(rss());
+        return;
+    }
     let metrics = Arc::new(ztail::metrics::Metrics::new());
     let pods: Vec<Pod> = (0..PODS).map(pod).collect();
     let mut over = false;
@@ -154,4 +175,97 @@ fn main() {
         eprintln!("over the 5 MiB budget");
         std::process::exit(1);
     }
+}
+
+/// Resident and peak memory of ztail with and without Kubernetes metadata, 110 pods.
+async fn rss() {
+    use support::kube::{Kube, NODE, cri, log_path};
+    use support::ztail::{Env, LOKI_ID, Ztail, append_text};
+
+    let kube = Kube::start().await;
+    let with = Env::new();
+    let without = Env::new();
+    kube.ztail_token("bench", &with.path("token")).await;
+    let root = with.path("node");
+    for n in 0..10 {
+        kube.namespace(&format!("ns-{n}"), json!({"team": format!("team-{n}")}))
+            .await;
+    }
+    for i in 0..PODS {
+        let p = pod(i);
+        let mut labels = p.metadata.labels.clone().unwrap();
+        labels.remove("pod-template-hash");
+        let ns = p.metadata.namespace.clone().unwrap();
+        let name = p.metadata.name.clone().unwrap();
+        let uid = kube
+            .pod(
+                &ns,
+                &name,
+                serde_json::to_value(&labels).unwrap(),
+                serde_json::to_value(p.metadata.annotations.as_ref().unwrap()).unwrap(),
+                None,
+            )
+            .await;
+        let lines: Vec<String> = (0..20).map(|j| format!("{name} line {j}")).collect();
+        append_text(&log_path(&root, &ns, &name, &uid), &cri(&lines));
+    }
+    let source = format!(
+        "\n[[sources]]\nname = \"pods\"\ninclude = [\"{}/pods/*/*/*.log\"]\nformat = \"cri\"\nstart_at = \"beginning\"\npath_labels = '/pods/(?P<namespace>[^/_]+)_(?P<pod>[^/_]+)_[^/]+/(?P<container>[^/]+)/'\n",
+        root.display()
+    );
+    let mut k8s = format!(
+        "kubernetes = true\n[kubernetes]\nnode_name = \"{NODE}\"\napi_server = \"{}\"\ntoken_file = \"token\"\nca_file = \"{}\"\n[kubernetes.labels]\napp = \"pod_label:app.kubernetes.io/name\"\nteam = \"namespace_label:team\"\n",
+        kube.url(),
+        kube.ca_file().display()
+    );
+    // Loki allows 15 labels per stream: the other pod labels go to structured metadata.
+    k8s.push_str("[kubernetes.metadata]\nimage = \"container_image\"\nworkload = \"workload\"\n");
+    for j in 0..18 {
+        k8s.push_str(&format!("l{j} = \"pod_label:example.com/label-{j}\"\n"));
+    }
+    for j in 0..9 {
+        k8s.push_str(&format!(
+            "a{j} = \"pod_annotation:example.com/annotation-{j}\"\n"
+        ));
+    }
+    let mut figures = Vec::new();
+    for (name, env, extra) in [
+        ("without [kubernetes]", &without, source.clone()),
+        ("with [kubernetes]", &with, format!("{source}{k8s}")),
+    ] {
+        let rx = env.receiver(LOKI_ID).await;
+        let zt = Ztail::start(env, &env.config(&rx.url(), "", &extra));
+        let want = PODS * 20;
+        assert!(
+            rx.wait_for(|e| e.len() >= want, Duration::from_secs(120))
+                .await,
+            "{name}: {} of {want} lines; log:\n{}",
+            rx.entries().len(),
+            zt.log()
+        );
+        if name.starts_with("with ") {
+            let e = rx.entries();
+            assert!(
+                e.iter().all(|e| e.labels.contains_key("app")),
+                "every entry has its pod's labels"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let pid = zt.pid();
+        let (rss, hwm) = (
+            common::status_mib(pid, "VmRSS:"),
+            common::status_mib(pid, "VmHWM:"),
+        );
+        println!(
+            "{name}: RSS {rss:.1} MiB, peak {hwm:.1} MiB ({} build)",
+            common::profile()
+        );
+        figures.push((rss, hwm));
+    }
+    let (d_rss, d_hwm) = (figures[1].0 - figures[0].0, figures[1].1 - figures[0].1);
+    println!(
+        "difference for {PODS} pods with 20 labels and 10 annotations: RSS {d_rss:+.1} MiB, peak {d_hwm:+.1} MiB (budget 5 MiB: {:.2} and {:.2} of it)",
+        d_rss / 5.0,
+        d_hwm / 5.0
+    );
 }

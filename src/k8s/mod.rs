@@ -94,6 +94,9 @@ pub struct View {
     pub tenant: Option<Arc<str>>,
     /// Annotations that asked for something the operator does not allow.
     pub refused: Vec<String>,
+    /// False while the namespace labels the config reads may still be on their way (the
+    /// namespaces are not listed yet): a new file waits for them within `kubernetes.wait`.
+    pub complete: bool,
 }
 
 pub struct Metadata {
@@ -200,10 +203,14 @@ impl Metadata {
 
     /// What the pod with `uid` makes of its container's files, if the pod is known.
     pub fn view(&self, uid: &str, container: &str, formats: &[String]) -> Option<View> {
+        let listed = lock(&self.status).namespaces_listed;
         let store = lock(&self.store);
         let pod = store.pods.get(uid)?.clone();
         let ns = store.namespaces.get(&pod.namespace);
-        let mut v = View::default();
+        let mut v = View {
+            complete: self.namespace_labels.is_empty() || ns.is_some() || listed,
+            ..View::default()
+        };
         let value = |f: &Field| -> Option<String> {
             Some(match f {
                 Field::Node => self.cfg.node_name.clone(),

@@ -106,6 +106,9 @@ struct PodLink {
     /// The cache generation `view` is of.
     generation: u64,
     view: Option<View>,
+    /// The format the file's reader frames with, once its first read is near: later views
+    /// keep it (a framer holds state between reads).
+    format: Option<Option<String>>,
 }
 
 impl PodLink {
@@ -120,12 +123,13 @@ impl PodLink {
             formats: src.formats.iter().map(|f| f.name.clone()).collect(),
             generation: u64::MAX,
             view: None,
+            format: None,
         })
     }
 
     /// Looks the pod up again if the cache changed; true if its view did. A pod gone from the
     /// cache leaves the last view in place (its files are drained with its labels); the format
-    /// is the one the file started with (a framer holds state).
+    /// is the one the file started with.
     fn refresh(&mut self, file: &TrackedFile) -> bool {
         let g = self.meta.generation();
         if g == self.generation {
@@ -135,8 +139,8 @@ impl PodLink {
         let Some(mut v) = self.meta.view(&self.uid, &self.container, &self.formats) else {
             return false;
         };
-        if let Some(old) = &self.view {
-            v.format = old.format.clone();
+        if let Some(started) = &self.format {
+            v.format = started.clone();
         }
         if self.view.as_ref() == Some(&v) {
             return false;
@@ -154,18 +158,20 @@ impl PodLink {
         true
     }
 
-    /// Waits for the pod to be known, at most `kubernetes.wait`.
+    /// Waits for the pod (and its namespace's labels) to be known, at most `kubernetes.wait`.
     async fn wait(&mut self, file: &TrackedFile, ctx: &Context) {
         let deadline = Instant::now() + self.meta.config().wait;
         loop {
             let seen = self.meta.generation();
             self.refresh(file);
-            if self.view.is_some() {
+            if self.view.as_ref().is_some_and(|v| v.complete) {
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                self.meta.note_missing(&ctx.named, &self.uid);
+                if self.view.is_none() {
+                    self.meta.note_missing(&ctx.named, &self.uid);
+                }
                 return;
             }
             tokio::select! {
@@ -183,6 +189,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, mut reader: FileReader, ctx: Con
         None => Shape::new(&file, &ctx, None),
         Some(pod) => {
             pod.wait(&file, &ctx).await;
+            pod.format = Some(pod.view.as_ref().and_then(|v| v.format.clone()));
             let src = &ctx.tailer.sources[ctx.source];
             if let Some(f) = pod
                 .view

@@ -8,9 +8,11 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::WAIT;
-use crate::support::kube::{Kube, NODE, cri, log_path};
+use crate::support::kube::{Kube, NODE, cri, cri_at, log_path};
 use crate::support::receiver::RecordedEntry;
-use crate::support::ztail::{Env, LOKI_ID, Ztail, append_text};
+use crate::support::spire::Spire;
+use crate::support::store::{Terminator, VictoriaLogs};
+use crate::support::ztail::{Env, LOKI_ID, ZTAIL_ID, Ztail, append_text, with_workload_api};
 
 fn config(env: &Env, kube: &Kube, url: &str) -> String {
     let extra = format!(
@@ -309,5 +311,54 @@ async fn an_api_server_outage_and_a_rotated_token_stop_nothing() {
     );
     for e in of_pod(&rx.entries(), "late") {
         assert_eq!(labels(e)["app"], "late", "{e:?}; log:\n{}", zt.log());
+    }
+}
+
+/// End to end with real components only: SPIRE issues the SVIDs, the API server the pod
+/// metadata, VictoriaLogs stores what `ztail-terminator` forwards; the pod's labels and
+/// metadata are fields of the stored entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_metadata_is_queryable_in_victorialogs() {
+    let spire = Spire::start(true);
+    spire.create_entry(LOKI_ID, "loki", 600);
+    spire.create_entry(ZTAIL_ID, "ztail", 60);
+    let vl = VictoriaLogs::start().await;
+    let term = Terminator::start(&spire, "loki", ZTAIL_ID, vl.addr).await;
+    let kube = Kube::start().await;
+    let env = Env::new();
+    kube.ztail_token("token-1", &env.path("token")).await;
+    kube.namespace("shop", json!({"team": "shop-team"})).await;
+    let root = env.path("pods").parent().unwrap().to_owned();
+    let uid = kube
+        .pod(
+            "shop",
+            "web-7d4b9-abcde",
+            json!({"app.kubernetes.io/name": "web", "pod-template-hash": "7d4b9"}),
+            json!({"example.com/commit": "abc123"}),
+            Some("web-7d4b9"),
+        )
+        .await;
+    let time = crate::rfc3339(crate::an_hour_ago());
+    append_text(
+        &log_path(&root, "shop", "web-7d4b9-abcde", &uid),
+        &cri_at(&time, &lines("stored", 0..3)),
+    );
+    let config = with_workload_api(
+        &config(&env, &kube, &format!("{}/insert", term.url())),
+        &spire.endpoint(),
+        Some("ztail"),
+    );
+    let zt = Ztail::start(&env, &config);
+    let got = vl
+        .wait_for("app:=web team:=shop-team", 3, Duration::from_secs(90))
+        .await;
+    assert_eq!(got.len(), 3, "{got:?}\nztail log:\n{}", zt.log());
+    for e in &got {
+        assert_eq!(e["namespace"], "shop", "{e}");
+        assert_eq!(e["pod"], "web-7d4b9-abcde", "{e}");
+        assert_eq!(e["workload"], "web", "{e}");
+        assert_eq!(e["commit"], "abc123", "{e}");
+        assert_eq!(e["image"], "registry.example/web-7d4b9-abcde:1.0", "{e}");
+        assert!(e["_msg"].as_str().unwrap().starts_with("stored "), "{e}");
     }
 }

@@ -357,9 +357,14 @@ pub fn log_path(root: &std::path::Path, ns: &str, pod: &str, uid: &str) -> PathB
 
 /// CRI lines (`<time> stdout F <text>`).
 pub fn cri(lines: &[String]) -> String {
+    cri_at("2026-12-04T00:00:00.000000000Z", lines)
+}
+
+/// CRI lines written at `time` (RFC 3339).
+pub fn cri_at(time: &str, lines: &[String]) -> String {
     let mut out = String::new();
     for l in lines {
-        out.push_str(&format!("2026-12-04T00:00:00.000000000Z stdout F {l}\n"));
+        out.push_str(&format!("{time} stdout F {l}\n"));
     }
     out
 }
