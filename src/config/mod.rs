@@ -501,6 +501,40 @@ labels = { job = "app" }
     }
 
     #[test]
+    fn kubernetes_metadata_cannot_claim_ztails_own_names() {
+        let k8s = "[kubernetes]\nnode_name = \"n\"\napi_server = \"https://10.0.0.1\"\n";
+        let cases = [
+            (
+                format!("{GOOD}format = \"cri\"\n{k8s}[kubernetes.labels]\nstream = \"pod\"\n"),
+                "sources[0].labels",
+            ),
+            (
+                format!("{GOOD}format = \"cri\"\n{k8s}annotation_labels = [\"stream\"]\n"),
+                "sources[0].labels",
+            ),
+            (
+                format!(
+                    "{GOOD}format = \"cri\"\n{k8s}[kubernetes.metadata]\nagent_spiffe_id = \"pod\"\n"
+                ),
+                "kubernetes.metadata.agent_spiffe_id",
+            ),
+            (
+                format!("{GOOD}format = \"cri\"\n{k8s}wait = \"5m\"\n"),
+                "kubernetes.wait",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(e.key, key, "{e}");
+        }
+        let ok = parse(&format!(
+            "{GOOD}format = \"cri\"\n{k8s}[kubernetes.labels]\napp = \"pod_label:app\"\n"
+        ))
+        .unwrap();
+        assert!(ok.sources[0].kubernetes);
+    }
+
+    #[test]
     fn multiline_and_timestamp_settings_are_validated_into_the_framing() {
         let c = parse(&format!(
             "{GOOD}metadata_fields = [\"trace_id\"]\n[sources.multiline]\nstart = '^\\d'\nmax_lines = 50\n[sources.timestamp]\nregex = 'at=(?P<ts>\\S+)'\nformat = \"unix_seconds\"\nzone = \"+02:00\"\n"

@@ -180,6 +180,20 @@ impl KubernetesConfig {
         };
         let labels = fields("labels", raw.labels)?;
         let metadata = fields("metadata", raw.metadata)?;
+        for (name, _) in &metadata {
+            if name == crate::loki::encode::AGENT_ID {
+                return Err(v.err(
+                    format!("kubernetes.metadata.{name}"),
+                    "is set by ztail (sink.provenance): a pod must not be able to claim it",
+                ));
+            }
+        }
+        if raw.wait > Duration::from_secs(60) {
+            return Err(v.err(
+                "kubernetes.wait",
+                "at most 60s: lines of a pod the API server does not know are held this long",
+            ));
+        }
         for (name, _) in labels.iter().chain(&metadata) {
             if taken.contains(&name.as_str()) {
                 return Err(v.err(

@@ -417,7 +417,8 @@ impl SourceConfig {
             let path_capture = path_labels
                 .as_ref()
                 .is_some_and(|re| re.capture_names().flatten().any(|n| n == *name));
-            if reserved.contains(name) || set.contains_key(*name) || path_capture {
+            let stream = framing.stream_label() && *name == format::STREAM;
+            if reserved.contains(name) || set.contains_key(*name) || path_capture || stream {
                 return Err(v.err(
                     format!("{key}.labels"),
                     format!("{name:?} is set by [kubernetes] and by this source (its labels or path_labels): drop one of them"),
