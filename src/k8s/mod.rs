@@ -11,8 +11,8 @@
 //!   `ztail_kubernetes_metadata_missing_total`) and takes the pod's labels once it is known.
 //! - Every change of the cache bumps a generation; a file's task compares it once per read and
 //!   only then asks for its view again, so an unchanged cluster costs one atomic load per read.
-//! - A deleted pod stays in the cache for [`DELETED_KEEP`] (its files are drained with its
-//!   labels), and a file keeps the last view it had while its pod is gone.
+//! - A deleted pod or namespace stays in the cache for [`DELETED_KEEP`] (its files are drained
+//!   with its labels), and a file keeps the last view it had while its pod is gone.
 //! - An unreachable API server stops nothing: the cache is kept, the watch is retried with
 //!   backoff (resumed from its resourceVersion, relisted on `410 Gone`: `kube`'s watcher), and
 //!   `/readyz`, `/status` and `ztail_kubernetes_api_up` say so.
@@ -44,7 +44,7 @@ pub const DELETED_KEEP: Duration = Duration::from_secs(600);
 const MAX_NAMESPACES: usize = 10_000;
 
 /// What the cache knows of one pod.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 struct Pod {
     namespace: String,
     name: String,
@@ -60,12 +60,42 @@ struct Pod {
     deleted: Option<Instant>,
 }
 
+/// What the cache knows of one namespace: the labels the config reads.
+#[derive(Debug, Clone, PartialEq)]
+struct Ns {
+    labels: BTreeMap<String, String>,
+    deleted: Option<Instant>,
+}
+
 #[derive(Default)]
 struct Store {
     pods: HashMap<String, Arc<Pod>>,
-    namespaces: HashMap<String, BTreeMap<String, String>>,
-    /// Pods left out because the cache was full.
-    overflow: u64,
+    namespaces: HashMap<String, Ns>,
+}
+
+impl Store {
+    /// Marks the pods for which `gone` holds deleted, now (kept for [`DELETED_KEEP`]).
+    fn delete_pods(&mut self, gone: impl Fn(&str) -> bool) {
+        let now = Instant::now();
+        for (uid, pod) in self.pods.iter_mut() {
+            if pod.deleted.is_none() && gone(uid) {
+                *pod = Arc::new(Pod {
+                    deleted: Some(now),
+                    ..(**pod).clone()
+                });
+            }
+        }
+    }
+
+    /// The same for namespaces: their pods' files drain with their labels too.
+    fn delete_namespaces(&mut self, gone: impl Fn(&str) -> bool) {
+        let now = Instant::now();
+        for (name, ns) in self.namespaces.iter_mut() {
+            if ns.deleted.is_none() && gone(name) {
+                ns.deleted = Some(now);
+            }
+        }
+    }
 }
 
 /// The API server as the watches last saw it.
@@ -139,7 +169,11 @@ impl Metadata {
             cfg,
             store: Mutex::default(),
             generation: tokio::sync::watch::Sender::new(0),
-            status: Mutex::default(),
+            // Without namespace labels to read, namespaces are not watched.
+            status: Mutex::new(ApiStatus {
+                namespaces_listed: namespace_labels.is_empty(),
+                ..ApiStatus::default()
+            }),
             metrics,
             pod_labels,
             pod_annotations,
@@ -206,7 +240,7 @@ impl Metadata {
         let listed = lock(&self.status).namespaces_listed;
         let store = lock(&self.store);
         let pod = store.pods.get(uid)?.clone();
-        let ns = store.namespaces.get(&pod.namespace);
+        let ns = store.namespaces.get(&pod.namespace).map(|n| &n.labels);
         let mut v = View {
             complete: self.namespace_labels.is_empty() || ns.is_some() || listed,
             ..View::default()
@@ -368,106 +402,64 @@ impl Metadata {
                 }
             }
         };
+        let pods =
+            watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node_name));
+        let sweep = async {
+            let mut every = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                self.sweep();
+            }
+        };
+        // Namespaces are watched only for the labels the config reads from them.
+        let namespaces = async {
+            if !self.namespace_labels.is_empty() {
+                self.watch::<Namespace>(client.clone(), watcher::Config::default())
+                    .await;
+            }
+        };
         tokio::join!(
-            self.clone().watch_pods(client.clone()),
-            self.clone().watch_namespaces(client)
+            self.watch::<ApiPod>(client.clone(), pods),
+            namespaces,
+            sweep
         );
     }
 
-    async fn watch_pods(self: Arc<Self>, client: kube::Client) {
-        let api: kube::Api<ApiPod> = kube::Api::all(client);
-        let cfg =
-            watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node_name));
-        let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
-        let mut listed: HashSet<String> = HashSet::new();
-        let mut sweep = tokio::time::interval(Duration::from_secs(30));
-        loop {
-            let ev = tokio::select! {
-                ev = events.next() => ev,
-                _ = sweep.tick() => { self.sweep(); continue; }
-            };
-            let Some(ev) = ev else { break };
-            match ev {
-                Err(e) => self.failed("pods", &e),
-                Ok(Event::Init) => {
-                    self.connected();
-                    listed.clear();
-                }
-                Ok(Event::InitApply(p)) => {
-                    self.connected();
-                    if let Some(uid) = self.apply_pod(&p) {
-                        listed.insert(uid);
-                    }
-                }
-                Ok(Event::InitDone) => {
-                    self.connected();
-                    // A relist (after 410 Gone or a restart): pods not in it were deleted.
-                    let now = Instant::now();
-                    let mut store = lock(&self.store);
-                    for (uid, pod) in store.pods.iter_mut() {
-                        if pod.deleted.is_none() && !listed.contains(uid) {
-                            *pod = Arc::new(Pod {
-                                deleted: Some(now),
-                                ..clone_pod(pod)
-                            });
-                        }
-                    }
-                    drop(store);
-                    lock(&self.status).pods_listed = true;
-                    listed.clear();
-                    self.bump();
-                }
-                Ok(Event::Apply(p)) => {
-                    self.connected();
-                    self.apply_pod(&p);
-                }
-                Ok(Event::Delete(p)) => {
-                    self.connected();
-                    if let Some(uid) = p.metadata.uid.as_deref() {
-                        let mut store = lock(&self.store);
-                        if let Some(pod) = store.pods.get_mut(uid) {
-                            *pod = Arc::new(Pod {
-                                deleted: Some(Instant::now()),
-                                ..clone_pod(pod)
-                            });
-                        }
-                        drop(store);
-                        self.bump();
-                    }
-                }
-            }
-        }
-    }
-
-    async fn watch_namespaces(self: Arc<Self>, client: kube::Client) {
-        let api: kube::Api<Namespace> = kube::Api::all(client);
-        let mut events = watcher::watcher(api, watcher::Config::default())
+    /// Lists and watches one kind into the cache. After every (re)list, what it did not list
+    /// is marked deleted.
+    async fn watch<K: Cached>(&self, client: kube::Client, cfg: watcher::Config) {
+        let mut events = watcher::watcher(kube::Api::<K>::all(client), cfg)
             .default_backoff()
             .boxed();
         let mut listed: HashSet<String> = HashSet::new();
         while let Some(ev) = events.next().await {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    self.failed(K::KIND, &e);
+                    continue;
+                }
+            };
+            self.connected();
             match ev {
-                Err(e) => self.failed("namespaces", &e),
-                Ok(Event::Init) => listed.clear(),
-                Ok(Event::InitApply(ns)) => {
-                    if let Some(name) = self.apply_namespace(&ns) {
-                        listed.insert(name);
+                Event::Init => listed.clear(),
+                Event::InitApply(o) => {
+                    if let Some(key) = o.cache(self) {
+                        listed.insert(key);
                     }
                 }
-                Ok(Event::InitDone) => {
-                    lock(&self.store)
-                        .namespaces
-                        .retain(|name, _| listed.contains(name));
-                    lock(&self.status).namespaces_listed = true;
+                Event::InitDone => {
+                    K::delete(&mut lock(&self.store), |key| !listed.contains(key));
+                    K::listed(&mut lock(&self.status));
                     listed.clear();
                     self.bump();
                 }
-                Ok(Event::Apply(ns)) => {
-                    self.apply_namespace(&ns);
+                Event::Apply(o) => {
+                    o.cache(self);
                 }
-                Ok(Event::Delete(ns)) => {
-                    if let Some(name) = &ns.metadata.name {
-                        lock(&self.store).namespaces.remove(name);
+                Event::Delete(o) => {
+                    if let Some(key) = o.key() {
+                        K::delete(&mut lock(&self.store), |k| k == key);
                         self.bump();
                     }
                 }
@@ -477,22 +469,24 @@ impl Metadata {
 
     fn apply_namespace(&self, ns: &Namespace) -> Option<String> {
         let name = ns.metadata.name.clone()?;
-        let labels: BTreeMap<String, String> = ns
-            .metadata
-            .labels
-            .iter()
-            .flatten()
-            .filter(|(k, _)| self.namespace_labels.contains(*k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let cached = Ns {
+            labels: ns
+                .metadata
+                .labels
+                .iter()
+                .flatten()
+                .filter(|(k, _)| self.namespace_labels.contains(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            deleted: None,
+        };
         let mut store = lock(&self.store);
-        if store.namespaces.get(&name) == Some(&labels) {
+        if store.namespaces.get(&name) == Some(&cached)
+            || (store.namespaces.len() >= MAX_NAMESPACES && !store.namespaces.contains_key(&name))
+        {
             return Some(name);
         }
-        if store.namespaces.len() >= MAX_NAMESPACES && !store.namespaces.contains_key(&name) {
-            return Some(name);
-        }
-        store.namespaces.insert(name.clone(), labels);
+        store.namespaces.insert(name.clone(), cached);
         drop(store);
         self.bump();
         Some(name)
@@ -548,15 +542,12 @@ impl Metadata {
             deleted: None,
         };
         let mut store = lock(&self.store);
-        if let Some(old) = store.pods.get(&uid)
-            && same_pod(old, &pod)
-        {
+        if store.pods.get(&uid).is_some_and(|old| **old == pod) {
             return Some(uid);
         }
         if !store.pods.contains_key(&uid) && store.pods.len() >= self.cfg.max_pods {
             evict_deleted(&mut store, self.cfg.max_pods - 1);
             if store.pods.len() >= self.cfg.max_pods {
-                store.overflow += 1;
                 tracing::warn!(pod = %pod.name, namespace = %pod.namespace, max_pods = self.cfg.max_pods, "kubernetes.max_pods reached: this pod's files ship with their path's labels");
                 return Some(uid);
             }
@@ -567,14 +558,14 @@ impl Metadata {
         Some(uid)
     }
 
-    /// Forgets pods deleted more than [`DELETED_KEEP`] ago.
+    /// Forgets pods and namespaces deleted more than [`DELETED_KEEP`] ago.
     fn sweep(&self) {
+        let kept = |deleted: Option<Instant>| deleted.is_none_or(|at| at.elapsed() < DELETED_KEEP);
         let mut store = lock(&self.store);
-        let before = store.pods.len();
-        store
-            .pods
-            .retain(|_, p| p.deleted.is_none_or(|at| at.elapsed() < DELETED_KEEP));
-        let changed = store.pods.len() != before;
+        let before = (store.pods.len(), store.namespaces.len());
+        store.pods.retain(|_, p| kept(p.deleted));
+        store.namespaces.retain(|_, n| kept(n.deleted));
+        let changed = before != (store.pods.len(), store.namespaces.len());
         drop(store);
         if changed {
             self.bump();
@@ -582,28 +573,53 @@ impl Metadata {
     }
 }
 
-fn same_pod(a: &Pod, b: &Pod) -> bool {
-    a.deleted.is_none()
-        && a.labels == b.labels
-        && a.annotations == b.annotations
-        && a.containers == b.containers
-        && a.owner == b.owner
-        && a.template_hash == b.template_hash
-        && a.name == b.name
-        && a.namespace == b.namespace
+/// What the cache keeps of a kind the API server lists: pods and namespaces.
+trait Cached:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + 'static
+{
+    /// For metrics and logs.
+    const KIND: &'static str;
+    /// Caches the object; its key (pod UID, namespace name).
+    fn cache(&self, meta: &Metadata) -> Option<String>;
+    fn key(&self) -> Option<&str>;
+    fn delete(store: &mut Store, gone: impl Fn(&str) -> bool);
+    fn listed(status: &mut ApiStatus);
 }
 
-fn clone_pod(p: &Pod) -> Pod {
-    Pod {
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
-        uid: p.uid.clone(),
-        labels: p.labels.clone(),
-        annotations: p.annotations.clone(),
-        containers: p.containers.clone(),
-        owner: p.owner.clone(),
-        template_hash: p.template_hash.clone(),
-        deleted: p.deleted,
+impl Cached for ApiPod {
+    const KIND: &'static str = "pods";
+    fn cache(&self, meta: &Metadata) -> Option<String> {
+        meta.apply_pod(self)
+    }
+    fn key(&self) -> Option<&str> {
+        self.metadata.uid.as_deref()
+    }
+    fn delete(store: &mut Store, gone: impl Fn(&str) -> bool) {
+        store.delete_pods(gone);
+    }
+    fn listed(status: &mut ApiStatus) {
+        status.pods_listed = true;
+    }
+}
+
+impl Cached for Namespace {
+    const KIND: &'static str = "namespaces";
+    fn cache(&self, meta: &Metadata) -> Option<String> {
+        meta.apply_namespace(self)
+    }
+    fn key(&self) -> Option<&str> {
+        self.metadata.name.as_deref()
+    }
+    fn delete(store: &mut Store, gone: impl Fn(&str) -> bool) {
+        store.delete_namespaces(gone);
+    }
+    fn listed(status: &mut ApiStatus) {
+        status.namespaces_listed = true;
     }
 }
 
@@ -641,6 +657,88 @@ fn workload(p: &Pod) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn metadata() -> Arc<Metadata> {
+        let cfg = KubernetesConfig {
+            node_name: "node-1".into(),
+            api_server: None,
+            token_file: "/dev/null".into(),
+            ca_file: "/dev/null".into(),
+            wait: Duration::from_secs(5),
+            labels: vec![
+                ("app".into(), Field::PodLabel("app".into())),
+                ("team".into(), Field::NamespaceLabel("team".into())),
+            ],
+            metadata: vec![("image".into(), Field::ContainerImage)],
+            annotation_prefix: "ztail.io/".into(),
+            tenants: vec!["team-a".into()],
+            annotation_labels: vec![],
+            max_pods: 10,
+        };
+        Metadata::new(cfg, Arc::new(Metrics::new()))
+    }
+
+    fn pod(uid: &str, app: &str, annotations: serde_json::Value) -> ApiPod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": uid,
+                "labels": {"app": app, "unread": "x"}, "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "img:1"}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn deleted_pods_and_namespaces_keep_their_labels_for_draining_files() {
+        let m = metadata();
+        let ns: Namespace = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "shop", "labels": {"team": "a"}}}),
+        )
+        .unwrap();
+        m.apply_namespace(&ns);
+        m.apply_pod(&pod("u1", "web", serde_json::json!({})));
+        let v = m.view("u1", "app", &[]).expect("cached");
+        assert_eq!(
+            v.labels,
+            [("app".into(), "web".into()), ("team".into(), "a".into())]
+        );
+        assert_eq!(v.metadata, [("image".into(), "img:1".into())]);
+        assert!(v.complete);
+        // The same pod again changes nothing, so no file looks it up again.
+        let g = m.generation();
+        m.apply_pod(&pod("u1", "web", serde_json::json!({})));
+        assert_eq!(m.generation(), g);
+        // Deleted (or not in a relist): still resolvable, with the same labels.
+        lock(&m.store).delete_pods(|uid| uid == "u1");
+        lock(&m.store).delete_namespaces(|name| name == "shop");
+        assert_eq!(m.view("u1", "app", &[]).unwrap().labels, v.labels);
+        m.sweep();
+        assert!(m.view("u1", "app", &[]).is_some(), "kept for DELETED_KEEP");
+    }
+
+    #[test]
+    fn annotations_only_choose_what_the_config_allows() {
+        let m = metadata();
+        m.apply_pod(&pod(
+            "u1",
+            "web",
+            serde_json::json!({"ztail.io/tenant": "team-b", "ztail.io/format": "java",
+                "ztail.io/exclude-containers": "sidecar, app"}),
+        ));
+        let v = m.view("u1", "app", &["python".into()]).unwrap();
+        assert_eq!((v.tenant, v.format), (None, None));
+        assert_eq!(v.refused.len(), 2, "{:?}", v.refused);
+        assert!(v.exclude);
+        assert!(!m.view("u1", "other", &[]).unwrap().exclude);
+        m.apply_pod(&pod(
+            "u1",
+            "web",
+            serde_json::json!({"ztail.io/tenant": "team-a"}),
+        ));
+        assert_eq!(
+            m.view("u1", "app", &[]).unwrap().tenant.as_deref(),
+            Some("team-a")
+        );
+    }
 
     #[test]
     fn kubelet_paths_name_their_pod_and_container() {
