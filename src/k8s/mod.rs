@@ -107,6 +107,8 @@ pub struct ApiStatus {
     pub last_error: Option<String>,
     pub last_error_unix: i64,
     pub pods: usize,
+    /// Of `pods`, those deleted and kept while their files drain.
+    pub pods_deleted: usize,
 }
 
 /// What a file's pod makes of its streams and entries.
@@ -217,7 +219,9 @@ impl Metadata {
 
     pub fn status(&self) -> ApiStatus {
         let mut s = lock(&self.status).clone();
-        s.pods = lock(&self.store).pods.len();
+        let store = lock(&self.store);
+        s.pods = store.pods.len();
+        s.pods_deleted = store.pods.values().filter(|p| p.deleted.is_some()).count();
         s
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::config::{NamedFormat, SourceConfig};
 use super::reader::{FileReader, ReadLines};
 use super::{FileState, Tailer, TrackedFile};
 use crate::k8s::{Metadata, View};
@@ -43,13 +44,17 @@ struct Shape {
     exclude: bool,
 }
 
+/// The source's format a pod's view chose, if any.
+fn format_of<'a>(src: &'a SourceConfig, view: Option<&View>) -> Option<&'a NamedFormat> {
+    let name = view?.format.as_deref()?;
+    src.formats.iter().find(|f| f.name == name)
+}
+
 impl Shape {
     fn new(file: &TrackedFile, ctx: &Context, view: Option<&View>) -> Shape {
         let tailer = &ctx.tailer;
         let src = &tailer.sources[ctx.source];
-        let format = view
-            .and_then(|v| v.format.as_deref())
-            .and_then(|f| src.formats.iter().find(|x| x.name == f));
+        let format = format_of(src, view);
         let framing = format.map_or(&src.framing, |f| &f.framing);
         let pipeline = format.map_or(&src.stages, |f| &f.stages);
         let tenant = view.and_then(|v| v.tenant.clone());
@@ -106,9 +111,9 @@ struct PodLink {
     /// The cache generation `view` is of.
     generation: u64,
     view: Option<View>,
-    /// The format the file's reader frames with, once its first read is near: later views
-    /// keep it (a framer holds state between reads).
-    format: Option<Option<String>>,
+    /// Set once the file's first read is near: its reader's framing is fixed from then on (a
+    /// framer holds state between reads), so later views keep the format of that one.
+    started: bool,
 }
 
 impl PodLink {
@@ -123,7 +128,7 @@ impl PodLink {
             formats: src.formats.iter().map(|f| f.name.clone()).collect(),
             generation: u64::MAX,
             view: None,
-            format: None,
+            started: false,
         })
     }
 
@@ -139,8 +144,8 @@ impl PodLink {
         let Some(mut v) = self.meta.view(&self.uid, &self.container, &self.formats) else {
             return false;
         };
-        if let Some(started) = &self.format {
-            v.format = started.clone();
+        if self.started {
+            v.format = self.view.as_ref().and_then(|old| old.format.clone());
         }
         if self.view.as_ref() == Some(&v) {
             return false;
@@ -158,50 +163,44 @@ impl PodLink {
         true
     }
 
-    /// Waits for the pod (and its namespace's labels) to be known, at most `kubernetes.wait`.
+    /// Waits for the pod (and its namespace's labels) to be known, at most `kubernetes.wait`;
+    /// the view it ends with fixes the file's format.
     async fn wait(&mut self, file: &TrackedFile, ctx: &Context) {
         let deadline = Instant::now() + self.meta.config().wait;
         loop {
             let seen = self.meta.generation();
             self.refresh(file);
             if self.view.as_ref().is_some_and(|v| v.complete) {
-                return;
+                break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 if self.view.is_none() {
                     self.meta.note_missing(&ctx.named, &self.uid);
                 }
-                return;
+                break;
             }
             tokio::select! {
                 _ = self.meta.changed(seen, left) => {}
-                _ = ctx.tailer.cancel.cancelled() => return,
+                _ = ctx.tailer.cancel.cancelled() => break,
             }
         }
+        self.started = true;
     }
 }
 
-pub(super) async fn run(file: Arc<TrackedFile>, mut reader: FileReader, ctx: Context) {
+pub(super) async fn run(file: Arc<TrackedFile>, mut reader: FileReader, mut ctx: Context) {
     let mut last_end = reader.position();
     let mut pod = PodLink::of(&ctx);
-    let mut shape = match &mut pod {
-        None => Shape::new(&file, &ctx, None),
-        Some(pod) => {
-            pod.wait(&file, &ctx).await;
-            pod.format = Some(pod.view.as_ref().and_then(|v| v.format.clone()));
-            let src = &ctx.tailer.sources[ctx.source];
-            if let Some(f) = pod
-                .view
-                .as_ref()
-                .and_then(|v| v.format.as_deref())
-                .and_then(|f| src.formats.iter().find(|x| x.name == f))
-            {
-                reader.set_framing(f.framing.clone());
-            }
-            Shape::new(&file, &ctx, pod.view.as_ref())
+    if let Some(pod) = &mut pod {
+        pod.wait(&file, &ctx).await;
+        let src = &ctx.tailer.sources[ctx.source];
+        if let Some(f) = format_of(src, pod.view.as_ref()) {
+            reader.set_framing(f.framing.clone());
+            ctx.max_partial_age = f.framing.max_partial_age(src.partial_line_timeout);
         }
-    };
+    }
+    let mut shape = Shape::new(&file, &ctx, pod.as_ref().and_then(|p| p.view.as_ref()));
     let mut reader = Some(reader);
     let mut partial_since: Option<Instant> = None;
     let mut rotated_since: Option<Instant> = None;

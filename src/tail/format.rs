@@ -133,6 +133,17 @@ impl Framing {
     }
 
     /// Names of the structured-metadata fields entries may carry, in [`Meta::name`] order.
+    /// How long an unfinished entry waits for more lines: the multiline timeout, else the
+    /// source's `partial_line_timeout`.
+    pub fn max_partial_age(
+        &self,
+        partial_line_timeout: std::time::Duration,
+    ) -> std::time::Duration {
+        self.multiline
+            .as_ref()
+            .map_or(partial_line_timeout, |m| m.timeout)
+    }
+
     pub fn meta_names(&self) -> Vec<String> {
         let mut names = Vec::new();
         if self.stream_meta() {

@@ -489,11 +489,7 @@ impl Tailer {
         let ctx = file::Context {
             tailer: self.clone(),
             tx: tx.clone(),
-            max_partial_age: src
-                .framing
-                .multiline
-                .as_ref()
-                .map_or(src.partial_line_timeout, |m| m.timeout),
+            max_partial_age: src.framing.max_partial_age(src.partial_line_timeout),
             rotate_wait: src.rotate_wait,
             source,
             named: path,

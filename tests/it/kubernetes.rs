@@ -70,26 +70,41 @@ fn labels(e: &RecordedEntry) -> BTreeMap<&str, &str> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pod_and_namespace_metadata_reach_the_receiver_and_annotations_control_each_pod() {
+/// An API server with the `shop` namespace (label `team=shop-team`), and a test env holding
+/// ztail's service-account token; the kubelet's `pods/` directory is in the env.
+async fn cluster() -> (Kube, Env) {
     let kube = Kube::start().await;
     let env = Env::new();
     kube.ztail_token("token-1", &env.path("token")).await;
     kube.namespace("shop", json!({"team": "shop-team"})).await;
-    let root = env.path("pods").parent().unwrap().to_owned();
+    (kube, env)
+}
+
+/// Pod `web-7d4b9-abcde` of Deployment `web` (ReplicaSet `web-7d4b9`) in `shop`; its UID.
+async fn web_pod(kube: &Kube, annotations: serde_json::Value) -> String {
+    kube.pod(
+        "shop",
+        "web-7d4b9-abcde",
+        json!({"app.kubernetes.io/name": "web", "pod-template-hash": "7d4b9"}),
+        annotations,
+        Some("web-7d4b9"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_and_namespace_metadata_reach_the_receiver_and_annotations_control_each_pod() {
+    let (kube, env) = cluster().await;
+    let root = env.dir.path();
 
     // A pod that exists before ztail starts.
-    let web = kube
-        .pod(
-            "shop",
-            "web-7d4b9-abcde",
-            json!({"app.kubernetes.io/name": "web", "pod-template-hash": "7d4b9"}),
-            json!({"example.com/commit": "abc123", "ztail.io/labels": "tier=frontend",
-                   "ztail.io/tenant": "not-allowed"}),
-            Some("web-7d4b9"),
-        )
-        .await;
-    let web_log = log_path(&root, "shop", "web-7d4b9-abcde", &web);
+    let web = web_pod(
+        &kube,
+        json!({"example.com/commit": "abc123", "ztail.io/labels": "tier=frontend",
+               "ztail.io/tenant": "not-allowed"}),
+    )
+    .await;
+    let web_log = log_path(root, "shop", "web-7d4b9-abcde", &web);
     append_text(&web_log, &cri(&lines("web", 0..20)));
 
     let rx = env.receiver(LOKI_ID).await;
@@ -148,7 +163,7 @@ async fn pod_and_namespace_metadata_reach_the_receiver_and_annotations_control_e
         )
         .await;
     append_text(
-        &log_path(&root, "shop", "quiet", &quiet),
+        &log_path(root, "shop", "quiet", &quiet),
         &cri(&lines("quiet", 0..10)),
     );
     let trace: Vec<String> = (0..3)
@@ -161,7 +176,7 @@ async fn pod_and_namespace_metadata_reach_the_receiver_and_annotations_control_e
         })
         .chain(["2026-12-04 done".to_owned()])
         .collect();
-    append_text(&log_path(&root, "shop", "java", &java), &cri(&trace));
+    append_text(&log_path(root, "shop", "java", &java), &cri(&trace));
     assert!(
         wait_lines(&rx, "java", 3).await,
         "java's entries never arrived; log:\n{}",
@@ -195,9 +210,28 @@ async fn pod_and_namespace_metadata_reach_the_receiver_and_annotations_control_e
         json!({"app.kubernetes.io/name": "web-v2"}),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // ztail has the change once a line written now arrives with it.
+    for n in 0.. {
+        assert!(n < 200, "the new label never arrived; log:\n{}", zt.log());
+        let probe = format!("probe {n}");
+        append_text(&web_log, &cri(std::slice::from_ref(&probe)));
+        assert!(
+            rx.wait_for(|e| e.iter().any(|e| e.line == probe), WAIT)
+                .await,
+            "log:\n{}",
+            zt.log()
+        );
+        let got = rx.entries();
+        if got
+            .iter()
+            .any(|e| e.line == probe && labels(e)["app"] == "web-v2")
+        {
+            break;
+        }
+    }
+    let before = of_pod(&rx.entries(), "web-7d4b9-abcde").len();
     append_text(&web_log, &cri(&lines("relabelled", 20..30)));
-    assert!(wait_lines(&rx, "web-7d4b9-abcde", 30).await);
+    assert!(wait_lines(&rx, "web-7d4b9-abcde", before + 10).await);
     let relabelled = of_pod(&rx.entries(), "web-7d4b9-abcde")
         .into_iter()
         .filter(|e| e.line.starts_with("relabelled"))
@@ -207,13 +241,22 @@ async fn pod_and_namespace_metadata_reach_the_receiver_and_annotations_control_e
 
     // The pod deleted: its remaining lines keep its labels.
     kube.delete_pod("shop", "web-7d4b9-abcde").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // ztail has seen the deletion once its status counts the pod as deleted.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !zt.get("/status").await.1.contains("\"pods_deleted\": 1") {
+        assert!(std::time::Instant::now() < deadline, "deletion never seen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = of_pod(&rx.entries(), "web-7d4b9-abcde").len();
     append_text(&web_log, &cri(&lines("deleted", 30..40)));
-    assert!(wait_lines(&rx, "web-7d4b9-abcde", 40).await);
-    for e in of_pod(&rx.entries(), "web-7d4b9-abcde")
+    assert!(wait_lines(&rx, "web-7d4b9-abcde", before + 10).await);
+    let deleted: Vec<_> = of_pod(&rx.entries(), "web-7d4b9-abcde")
         .into_iter()
         .filter(|e| e.line.starts_with("deleted"))
-    {
+        .cloned()
+        .collect();
+    assert_eq!(deleted.len(), 10);
+    for e in &deleted {
         assert_eq!(labels(e)["app"], "web-v2");
         assert_eq!(labels(e)["team"], "shop-team");
     }
@@ -224,11 +267,8 @@ async fn pod_and_namespace_metadata_reach_the_receiver_and_annotations_control_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_and_a_rotated_token_stop_nothing() {
-    let mut kube = Kube::start().await;
-    let env = Env::new();
-    kube.ztail_token("token-1", &env.path("token")).await;
-    kube.namespace("shop", json!({"team": "shop-team"})).await;
-    let root = env.path("pods").parent().unwrap().to_owned();
+    let (mut kube, env) = cluster().await;
+    let root = env.dir.path().to_owned();
     let web = kube
         .pod(
             "shop",
@@ -324,23 +364,12 @@ async fn pod_metadata_is_queryable_in_victorialogs() {
     spire.create_entry(ZTAIL_ID, "ztail", 60);
     let vl = VictoriaLogs::start().await;
     let term = Terminator::start(&spire, "loki", ZTAIL_ID, vl.addr).await;
-    let kube = Kube::start().await;
-    let env = Env::new();
-    kube.ztail_token("token-1", &env.path("token")).await;
-    kube.namespace("shop", json!({"team": "shop-team"})).await;
-    let root = env.path("pods").parent().unwrap().to_owned();
-    let uid = kube
-        .pod(
-            "shop",
-            "web-7d4b9-abcde",
-            json!({"app.kubernetes.io/name": "web", "pod-template-hash": "7d4b9"}),
-            json!({"example.com/commit": "abc123"}),
-            Some("web-7d4b9"),
-        )
-        .await;
+    let (kube, env) = cluster().await;
+    let root = env.dir.path();
+    let uid = web_pod(&kube, json!({"example.com/commit": "abc123"})).await;
     let time = crate::rfc3339(crate::an_hour_ago());
     append_text(
-        &log_path(&root, "shop", "web-7d4b9-abcde", &uid),
+        &log_path(root, "shop", "web-7d4b9-abcde", &uid),
         &cri_at(&time, &lines("stored", 0..3)),
     );
     let config = with_workload_api(

@@ -194,24 +194,19 @@ impl Kube {
         self.client_with(&self.path("admin.token")).await.unwrap()
     }
 
-    /// A namespace with labels and its `default` service account (no controller makes it).
+    /// A namespace with labels (unless it exists) and its `default` service account (no
+    /// controller makes it).
     pub async fn namespace(&self, name: &str, labels: serde_json::Value) {
         let c = self.admin().await;
         let ns: Namespace =
             serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
-        if Api::<Namespace>::all(c.clone())
+        match Api::<Namespace>::all(c.clone())
             .create(&PostParams::default(), &ns)
             .await
-            .is_err()
         {
-            Api::<Namespace>::all(c.clone())
-                .patch(
-                    name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"labels": labels}})),
-                )
-                .await
-                .unwrap();
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {} // made by an earlier call
+            Err(e) => panic!("create namespace {name}: {e}"),
         }
         let sa: ServiceAccount =
             serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
