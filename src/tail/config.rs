@@ -461,16 +461,12 @@ impl SourceConfig {
                 framing_meta.push(name.clone());
             }
         }
-        let stages = crate::stage::config::validate(
-            v,
-            key,
-            s.stages,
-            &crate::stage::config::Context {
-                taken_labels: &taken,
-                framing_meta: &framing_meta,
-            },
-        )?
-        .map(Arc::new);
+        // What the stages of the source and of its formats may refer to.
+        let stage_ctx = crate::stage::config::Context {
+            taken_labels: &taken,
+            framing_meta: &framing_meta,
+        };
+        let stages = crate::stage::config::validate(v, key, s.stages, &stage_ctx)?.map(Arc::new);
         if !s.formats.is_empty() && k8s.is_none() {
             return Err(v.err(
                 format!("{key}.formats"),
@@ -492,16 +488,7 @@ impl SourceConfig {
             }
             let stages = match f.stages {
                 None => stages.clone(),
-                Some(raw) => crate::stage::config::validate(
-                    v,
-                    &k,
-                    raw,
-                    &crate::stage::config::Context {
-                        taken_labels: &taken,
-                        framing_meta: &framing_meta,
-                    },
-                )?
-                .map(Arc::new),
+                Some(raw) => crate::stage::config::validate(v, &k, raw, &stage_ctx)?.map(Arc::new),
             };
             formats.push(NamedFormat {
                 name,
