@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::corpus::line;
 use common::receiver::{cert_args, digest, last_words, run_if_asked, spawn};
 use common::{cpu_seconds, profile, status_mib, unix_nanos};
 use support::ztail::{Env, Ztail};
@@ -123,61 +124,6 @@ impl Run {
     }
     fn per_message_gib(&self) -> f64 {
         self.cpu / (self.message_bytes as f64 / (1u64 << 30) as f64)
-    }
-}
-
-/// Deterministic lines of the shape: 70 % plain text, 20 % JSON, 10 % logfmt, ~206 B;
-/// or ~60 B short lines.
-fn line(rng: &mut fastrand::Rng, n: u64, short: bool) -> String {
-    const LOGGERS: [&str; 6] = ["http", "db", "auth", "cache", "payments", "scheduler"];
-    const WORDS: [&str; 12] = [
-        "request",
-        "served",
-        "user",
-        "order",
-        "retry",
-        "timeout",
-        "cache",
-        "miss",
-        "ok",
-        "queued",
-        "flushed",
-        "connection",
-    ];
-    let ts = format!(
-        "2026-11-26T06:{:02}:{:02}.{:03}Z",
-        (n / 60_000) % 60,
-        (n / 1000) % 60,
-        n % 1000
-    );
-    let logger = LOGGERS[rng.usize(..LOGGERS.len())];
-    if short {
-        return format!(
-            "{ts} INFO [{logger}] {} seq={n}",
-            WORDS[rng.usize(..WORDS.len())]
-        );
-    }
-    let words: Vec<&str> = (0..8).map(|_| WORDS[rng.usize(..WORDS.len())]).collect();
-    match rng.u8(..10) {
-        0 | 1 => format!(
-            "{{\"ts\":\"{ts}\",\"level\":\"info\",\"logger\":\"{logger}\",\"msg\":\"{}\",\"user_id\":{},\"trace_id\":\"{:016x}\",\"seq\":{n}}}",
-            words.join(" "),
-            rng.u32(..100_000),
-            rng.u64(..)
-        ),
-        2 => format!(
-            "ts={ts} level=warn logger={logger} msg=\"{}\" attempt={} latency_ms={} seq={n}",
-            words.join(" "),
-            rng.u8(1..5),
-            rng.u16(..2000)
-        ),
-        _ => format!(
-            "{ts} INFO [{logger}] {} path=/api/v1/orders/{} status=200 took={}ms user={} seq={n}",
-            words.join(" "),
-            rng.u32(..100_000),
-            rng.u16(..500),
-            rng.u32(..10_000)
-        ),
     }
 }
 

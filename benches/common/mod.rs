@@ -1,6 +1,7 @@
 //! Shared by the benchmark harnesses: the counting receiver (a process of its own), ztail's
 //! production settings, and figures read from `/proc`.
 
+pub mod corpus;
 pub mod receiver;
 
 use support::ztail::Env;
