@@ -17,6 +17,8 @@
 //!   compiler's defaults (no `-march`, as a distributable binary is built).
 //! - `ztail encode::protobuf`: what ztail does per request, building the body and compressing
 //!   it block by block (so its MB/s includes the protobuf writing).
+//! - `ztail, compression = none`: `encode::protobuf_stored`, the body in snappy's format with
+//!   nothing compressed: the cost of writing the protobuf alone.
 //! - `snap, raw corpus`: `snap` on the corpus file itself (lines and newlines), for how much the
 //!   protobuf framing changes the compressor's speed.
 
@@ -30,7 +32,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ztail::loki::encode::{protobuf, protobuf_uncompressed};
+use ztail::loki::encode::{protobuf, protobuf_stored, protobuf_uncompressed};
 use ztail::loki::labels::LabelSet;
 use ztail::pipeline::{Batch, Chunk, Cursor, Entry, Position, Stream};
 
@@ -82,6 +84,7 @@ fn main() {
         }),
     ];
     let mut whole = Vec::new();
+    let mut stored = Vec::new();
     let mut raw_secs = Vec::new();
     for _ in 0..rounds {
         for case in &mut cases {
@@ -93,6 +96,12 @@ fn main() {
             .map(|b| std::hint::black_box(protobuf(b, None)).len())
             .sum();
         whole.push((start.elapsed().as_secs_f64(), n));
+        let start = Instant::now();
+        let n: usize = batches
+            .iter()
+            .map(|b| std::hint::black_box(protobuf_stored(b, None)).len())
+            .sum();
+        stored.push((start.elapsed().as_secs_f64(), n));
         let mut enc = snap::raw::Encoder::new();
         let mut dst = vec![0; snap::raw::max_compress_len(BLOCK)];
         let start = Instant::now();
@@ -114,16 +123,32 @@ fn main() {
     }
     let (secs, out) = median_pair(&whole);
     row("ztail encode::protobuf", secs, body_bytes, out, base / secs);
+    let (secs, out) = median_pair(&stored);
+    row(
+        "ztail, compression = none",
+        secs,
+        body_bytes,
+        out,
+        base / secs,
+    );
     let (secs, out) = median_pair(&raw_secs);
     let per_byte = secs / raw.len() as f64 / (base / body_bytes as f64);
     row("snap, raw corpus", secs, raw.len(), out, 1.0 / per_byte);
+    let mut dec = snap::raw::Decoder::new();
+    for (b, body) in batches.iter().zip(&bodies) {
+        assert!(dec.decompress_vec(&protobuf(b, None)).unwrap() == *body);
+        assert!(dec.decompress_vec(&protobuf_stored(b, None)).unwrap() == *body);
+    }
     println!("  (every output above decoded with snap's decoder to the exact body)");
 }
+
+/// Appends the snappy block-format body of its first argument to the second.
+type Compress = Box<dyn FnMut(&[u8], &mut Vec<u8>)>;
 
 /// One implementation: its name, the compressor and its timings.
 struct Case {
     name: String,
-    compress: Box<dyn FnMut(&[u8], &mut Vec<u8>)>,
+    compress: Compress,
     secs: Vec<f64>,
     out_bytes: usize,
 }

@@ -23,6 +23,11 @@
 //! turn, `stages-pairs` alternates `mixed` and `stages-all` three times, and both print each
 //! case's CPU per GiB of input against `mixed` measured in the same run.
 //!
+//! An `-uncompressed` suffix (`mixed-uncompressed`) ships with `compression = "none"`: snappy's
+//! format with nothing compressed. `compression` alternates `mixed` and `mixed-uncompressed`
+//! three times and prints the CPU per GiB and throughput of each against the `mixed` run
+//! before it.
+//!
 //! Under `cargo test` (debug build) it runs a 2 MB corpus only, to keep the harness working.
 
 #[allow(dead_code)]
@@ -98,6 +103,23 @@ fn main() {
                 run.per_file_gib() - b
             );
         }
+    } else if case == "compression" {
+        println!("CPU per GiB and MB/s over the wall against the snappy run before it:");
+        let mut base: Option<Run> = None;
+        for c in ["mixed", "mixed-uncompressed"].repeat(3) {
+            let run = rt.block_on(drive(mb, c));
+            let b = base.as_ref().unwrap_or(&run);
+            println!(
+                "  {c:<20} {:>6.2} s per GiB {:>5.2}x   {:>6.1} MB/s {:>5.2}x",
+                run.per_file_gib(),
+                run.per_file_gib() / b.per_file_gib(),
+                run.mb_per_s,
+                run.mb_per_s / b.mb_per_s
+            );
+            if c == "mixed" {
+                base = Some(run);
+            }
+        }
     } else if case == "cri-vs-raw" {
         let raw = rt.block_on(drive(mb, "mixed"));
         let cri = rt.block_on(drive(mb, "cri"));
@@ -114,6 +136,8 @@ fn main() {
 /// What one run measured.
 struct Run {
     cpu: f64,
+    /// Over the wall, start-up included.
+    mb_per_s: f64,
     file_bytes: u64,
     message_bytes: u64,
 }
@@ -246,6 +270,10 @@ async fn drive(mb: usize, case: &str) -> Run {
         Some(case) => (case, "100ms"),
         None => (case, "1s"),
     };
+    let (case, compression) = match case.strip_suffix("-uncompressed") {
+        Some(case) => (case, "none"),
+        None => (case, "snappy"),
+    };
     let env = Env::new();
     let logs = env.path("logs");
     let corpus = write_corpus(&logs, mb, case);
@@ -296,7 +324,7 @@ async fn drive(mb: usize, case: &str) -> Run {
     let config = common::config(
         &env,
         &url,
-        "max_in_flight = 4",
+        &format!("max_in_flight = 4\ncompression = \"{compression}\""),
         source,
         &[("batch_wait = \"1s\"", &wait)],
     );
@@ -337,7 +365,7 @@ async fn drive(mb: usize, case: &str) -> Run {
     let gib = corpus.bytes as f64 / (1u64 << 30) as f64;
     let mbs = corpus.bytes as f64 / 1e6;
     println!(
-        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {} ztail, protobuf+snappy over mTLS, loopback, batch_wait {batch_wait}",
+        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {} ztail, protobuf with compression {compression} over mTLS, loopback, batch_wait {batch_wait}",
         corpus.lines,
         mbs,
         if case == "many" { 1000 } else { 1 },
@@ -388,6 +416,7 @@ async fn drive(mb: usize, case: &str) -> Run {
     assert!(exact, "lines lost or duplicated");
     Run {
         cpu: zt_cpu,
+        mb_per_s: mbs / wall,
         file_bytes: corpus.bytes,
         message_bytes: corpus.message_bytes,
     }

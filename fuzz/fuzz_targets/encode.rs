@@ -1,6 +1,7 @@
 //! The push encoders: any batch (texts, timestamps, structured metadata, several streams)
 //! encodes to a protobuf body that decodes, with an independent decoder, to exactly that batch,
-//! a snappy block that decompresses to it, and a JSON body that parses to it.
+//! a snappy block (compressed, and stored as one literal) that decompresses to it, and a JSON
+//! body that parses to it.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -171,6 +172,9 @@ fuzz_target!(|data: &[u8]| {
         .decompress_vec(&compressed)
         .unwrap();
     assert_eq!(decompressed, raw, "snappy block");
+    let stored = encode::protobuf_stored(&batch, agent);
+    let decoded = snap::raw::Decoder::new().decompress_vec(&stored).unwrap();
+    assert_eq!(decoded, raw, "snappy block, stored");
 
     let json: serde_json::Value =
         serde_json::from_slice(&encode::json(&batch, agent)).expect("JSON parses");

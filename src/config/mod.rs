@@ -708,6 +708,27 @@ labels = { job = "app" }
     }
 
     #[test]
+    fn compression_is_snappy_for_protobuf_unless_turned_off_and_never_for_json() {
+        use crate::loki::config::Compression;
+        let with = |sink: &str| GOOD.replace("[sink]\n", &format!("[sink]\n{sink}\n"));
+        assert_eq!(parse(GOOD).unwrap().sink.compression, Compression::Snappy);
+        let c = parse(&with("compression = \"none\"")).unwrap();
+        assert_eq!(c.sink.compression, Compression::None);
+        let c = parse(&with("body = \"json\"")).unwrap();
+        assert_eq!(c.sink.compression, Compression::None);
+        let msg = error_of(&with("body = \"json\"\ncompression = \"snappy\""));
+        assert!(
+            msg.contains(": sink.compression: ") && msg.contains("protobuf"),
+            "{msg}"
+        );
+        let msg = error_of(&with("compression = \"gzip\""));
+        assert!(
+            msg.contains("sink.compression") && msg.contains("gzip"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn sizes_parse_with_binary_and_decimal_units() {
         assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
         assert_eq!("256KiB".parse::<ByteSize>().unwrap().0, 256 << 10);

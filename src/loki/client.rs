@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use super::encode;
 use crate::identity::{Identity, IdentityWatch, Refusal};
-use crate::loki::config::{BodyFormat, SinkConfig};
+use crate::loki::config::{BodyFormat, Compression, SinkConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::ack::AckTracker;
 use crate::pipeline::{Batch, lock};
@@ -37,6 +37,7 @@ pub struct SinkSettings {
     pub url: reqwest::Url,
     pub tenant: Option<String>,
     pub body: BodyFormat,
+    pub compression: Compression,
     pub timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
@@ -50,6 +51,7 @@ impl From<&SinkConfig> for SinkSettings {
             url: c.url.clone(),
             tenant: c.tenant.clone(),
             body: c.body,
+            compression: c.compression,
             timeout: c.timeout,
             min_backoff: c.min_backoff,
             max_backoff: c.max_backoff,
@@ -172,12 +174,16 @@ impl Sink {
     /// if the runtime shut down first.
     async fn encode(&self, part: Batch, agent_id: &Option<Arc<str>>) -> Option<(Batch, Vec<u8>)> {
         let _permit = self.encoders.acquire().await.ok()?;
-        let (format, agent_id) = (self.settings.body, agent_id.clone());
+        let (format, compression) = (self.settings.body, self.settings.compression);
+        let agent_id = agent_id.clone();
         let encoded = tokio::task::spawn_blocking(move || {
             let agent_id = agent_id.as_deref();
-            let body = match format {
-                BodyFormat::Protobuf => encode::protobuf(&part, agent_id),
-                BodyFormat::Json => encode::json(&part, agent_id),
+            let body = match (format, compression) {
+                (BodyFormat::Protobuf, Compression::Snappy) => encode::protobuf(&part, agent_id),
+                (BodyFormat::Protobuf, Compression::None) => {
+                    encode::protobuf_stored(&part, agent_id)
+                }
+                (BodyFormat::Json, _) => encode::json(&part, agent_id),
             };
             (part, body)
         })

@@ -17,11 +17,24 @@ pub enum BodyFormat {
     Json,
 }
 
+/// How a protobuf body is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Snappy, what Promtail and Alloy send: a third of the bytes, two thirds of ztail's CPU.
+    Snappy,
+    /// Snappy's format with nothing compressed (Loki reads every protobuf body as snappy): no
+    /// compression CPU, about three times the bytes.
+    None,
+}
+
 #[derive(Debug)]
 pub struct SinkConfig {
     pub url: reqwest::Url,
     pub tenant: Option<String>,
     pub body: BodyFormat,
+    /// For protobuf bodies; JSON bodies are sent as they are.
+    pub compression: Compression,
     pub batch_bytes: usize,
     pub batch_wait: Duration,
     pub max_in_flight: usize,
@@ -46,6 +59,7 @@ pub(crate) struct RawSink {
     tenant: Option<String>,
     #[serde(default = "default_body")]
     body: BodyFormat,
+    compression: Option<Compression>,
     #[serde(default = "default_batch_bytes")]
     batch_bytes: ByteSize,
     #[serde(default = "default_batch_wait", with = "humantime_serde")]
@@ -190,10 +204,22 @@ impl SinkConfig {
                 "must be above zero and not above sink.max_backoff",
             ));
         }
+        let compression = match (raw.body, raw.compression) {
+            (BodyFormat::Json, Some(Compression::Snappy)) => {
+                return Err(v.err(
+                    "sink.compression",
+                    "snappy applies to protobuf bodies; JSON bodies are sent uncompressed \
+                     (remove compression, or use body = \"protobuf\")",
+                ));
+            }
+            (BodyFormat::Json, _) => Compression::None,
+            (BodyFormat::Protobuf, c) => c.unwrap_or(Compression::Snappy),
+        };
         Ok(SinkConfig {
             url,
             tenant: raw.tenant,
             body: raw.body,
+            compression,
             batch_bytes: v.size_between("sink.batch_bytes", raw.batch_bytes, 1 << 10, 64 << 20)?,
             batch_wait: v.positive("sink.batch_wait", raw.batch_wait)?,
             max_in_flight: raw.max_in_flight,

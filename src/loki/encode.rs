@@ -69,6 +69,37 @@ pub fn protobuf(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
     body
 }
 
+/// Protobuf `PushRequest` in snappy's block format without compressing it: the request is one
+/// literal. Loki reads every protobuf body as snappy, so this is how it takes an uncompressed
+/// one (`sink.compression = "none"`): the compressor's CPU (two thirds of ztail's) is saved, and
+/// the body is about three times as large on the wire.
+pub fn protobuf_stored(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
+    let mut s = POOL.take();
+    let total = size_protobuf(&mut s.lens, batch, agent_id);
+    let Ok(last) = u32::try_from(total.saturating_sub(1)) else {
+        // A literal's length has at most four bytes; a request of 4 GiB is far past any
+        // batch_bytes, but if one comes, it is compressed rather than refused.
+        POOL.put(s);
+        return protobuf(batch, agent_id);
+    };
+    let mut body = Vec::with_capacity(varint_len(total as u64) + 5 + total);
+    put_varint(&mut body, total as u64);
+    if total > 0 {
+        // A literal's tag holds its length - 1 below 60, else how many bytes follow with it.
+        if last < 60 {
+            body.push((last as u8) << 2);
+        } else {
+            let n = (32 - last.leading_zeros() as usize).div_ceil(8);
+            body.push(((59 + n) as u8) << 2);
+            body.extend_from_slice(&last.to_le_bytes()[..n]);
+        }
+    }
+    write_protobuf(&mut body, &s.lens, total, batch, agent_id, |_| 0);
+    s.trim();
+    POOL.put(s);
+    body
+}
+
 /// The uncompressed protobuf `PushRequest`.
 pub fn protobuf_uncompressed(batch: &Batch, agent_id: Option<&str>) -> Vec<u8> {
     let mut lens = Vec::new();
@@ -418,6 +449,66 @@ mod tests {
                 caught_up: false,
             });
         }
+        batch
+    }
+
+    #[test]
+    fn stored_bodies_decode_as_snappy_to_the_request() {
+        let mut decoder = snap::raw::Decoder::new();
+        for lines in [0, 1, 2, 30, 1_000] {
+            let b = batch(lines);
+            let raw = protobuf_uncompressed(&b, None);
+            let stored = protobuf_stored(&b, None);
+            assert_eq!(
+                decoder.decompress_vec(&stored).unwrap(),
+                raw,
+                "{lines} lines"
+            );
+            // Only the lengths are added: the request's own and the literal's tag.
+            assert!(stored.len() <= raw.len() + 10, "{lines} lines");
+        }
+        // Every width of a literal's length: one byte in the tag, then one to four after it.
+        for len in [
+            1usize,
+            60,
+            61,
+            256,
+            257,
+            65_536,
+            65_537,
+            1 << 24,
+            (1 << 24) + 1,
+        ] {
+            let line = "x".repeat(len);
+            let b = one_line_batch(&line);
+            let raw = protobuf_uncompressed(&b, None);
+            let stored = protobuf_stored(&b, None);
+            assert_eq!(
+                decoder.decompress_vec(&stored).unwrap(),
+                raw,
+                "a line of {len}"
+            );
+        }
+    }
+
+    /// A batch of one stream with one entry of `line`.
+    fn one_line_batch(line: &str) -> Batch {
+        use crate::loki::labels::LabelSet;
+        use crate::pipeline::{Cursor, Entry, Position, Stream};
+        use std::collections::BTreeMap;
+        use std::sync::Arc;
+        let labels = BTreeMap::from([("job".to_owned(), "a".to_owned())]);
+        let mut batch = Batch::new();
+        batch.push(Chunk {
+            stream: Arc::new(Stream::new(&LabelSet::new(labels))),
+            cursor: Arc::new(Cursor::new(Position::default())),
+            data: bytes::Bytes::copy_from_slice(line.as_bytes()),
+            entries: vec![Entry::text(0, line.len())],
+            meta: Vec::new().into(),
+            meta_names: Vec::new().into(),
+            end: Position::default(),
+            caught_up: false,
+        });
         batch
     }
 

@@ -20,9 +20,14 @@ fn spiffe_config_with(
     body: &str,
     extra: &str,
 ) -> String {
+    // `protobuf-uncompressed`: protobuf in snappy's format with nothing compressed.
+    let sink = match body.strip_suffix("-uncompressed") {
+        Some(body) => format!("body = \"{body}\"\ncompression = \"none\""),
+        None => format!("body = \"{body}\""),
+    };
     let config = env.config(
         &format!("{url}/insert"),
-        &format!("body = \"{body}\"\nprovenance = true"),
+        &(sink + "\nprovenance = true"),
         extra,
     );
     with_workload_api(&config, &spire.endpoint(), Some("ztail"))
@@ -38,7 +43,7 @@ const LINES: [&str; 5] = [
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_formats() {
+async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_every_body_format() {
     let spire = Spire::start(true);
     spire.create_entry(LOKI_ID, "loki", 600);
     spire.create_entry(ZTAIL_ID, "ztail", 60);
@@ -50,7 +55,7 @@ async fn lines_arrive_in_victorialogs_with_labels_and_exact_text_in_both_body_fo
         "\n[[probes]]\nname = \"store\"\nkind = \"tcp\"\ntarget = \"{}\"\ninterval = \"1s\"\ntimeout = \"200ms\"\n",
         vl.addr
     );
-    for body in ["protobuf", "json"] {
+    for body in ["protobuf", "json", "protobuf-uncompressed"] {
         let env = Env::new();
         let job = format!("e2e-{body}");
         // A container log in the CRI format, beside the raw file.

@@ -143,6 +143,54 @@ async fn json_bodies_carry_the_same_lines_and_labels() {
     );
 }
 
+/// `compression = "none"`: the same lines and labels arrive, in protobuf bodies that decode as
+/// snappy and are as large as the request (a compressed one of the same lines is far smaller).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncompressed_protobuf_bodies_carry_the_same_lines() {
+    let lines: Vec<String> = (0..2000)
+        .map(|i| {
+            format!("2026-12-04T08:00:00Z INFO [api] request served path=/orders/{i} status=200")
+        })
+        .collect();
+    let mut sizes = Vec::new();
+    for compression in ["snappy", "none"] {
+        let env = Env::new();
+        let rx = env.receiver(LOKI_ID).await;
+        let sink = format!("compression = \"{compression}\"");
+        let _zt = Ztail::start(&env, &env.config(&rx.url(), &sink, ""));
+        let log = env.path("logs/app.log");
+        std::fs::write(
+            &log,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        assert!(
+            rx.wait_for(|e| e.len() >= lines.len(), WAIT).await,
+            "{compression}"
+        );
+        assert_eq!(
+            lines_by_file(&rx.entries())[&log.display().to_string()],
+            lines,
+            "{compression}"
+        );
+        let requests = rx.requests();
+        assert!(requests.iter().all(|r| r.status == 204
+            && r.content_type.as_deref() == Some("application/x-protobuf")
+            && r.content_encoding.is_none()));
+        sizes.push(requests.iter().map(|r| r.body_bytes).sum::<usize>());
+    }
+    let line_bytes: usize = lines.iter().map(String::len).sum();
+    let (snappy, none) = (sizes[0], sizes[1]);
+    assert!(
+        none > line_bytes,
+        "uncompressed: {none} bytes for {line_bytes} of lines"
+    );
+    assert!(
+        snappy * 3 < none,
+        "snappy {snappy} bytes, uncompressed {none}"
+    );
+}
+
 /// A redirect proves nothing was stored: following it turned the POST into a body-less GET of
 /// `/ready`, whose 200 was taken for an acknowledgement and every line was lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
