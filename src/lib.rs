@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod convert;
 pub mod identity;
 pub mod k8s;
 pub mod loki;

@@ -68,8 +68,31 @@ enum Command {
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9311")]
         addr: std::net::SocketAddr,
     },
+    /// Take over from another shipper.
+    #[command(subcommand)]
+    Convert(Convert),
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum Convert {
+    /// Write ztail checkpoints from Promtail's positions file, so that ztail starts where
+    /// Promtail stopped. Run it with both stopped, before ztail's first start.
+    PromtailPositions {
+        /// Promtail's `positions.filename` (e.g. /var/lib/promtail/positions.yaml).
+        #[arg(value_name = "POSITIONS.yaml")]
+        positions: PathBuf,
+        /// ztail's `state_dir`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// Replace the checkpoints of a ztail that has already run with this state directory.
+        #[arg(long)]
+        force: bool,
+        /// Also write what was and was not imported, as JSON.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,6 +107,12 @@ fn main() -> ExitCode {
             check(&path)
         }
         Command::Run { config } => run(&config),
+        Command::Convert(Convert::PromtailPositions {
+            positions,
+            state_dir,
+            force,
+            report,
+        }) => convert_positions(&positions, &state_dir, force, report.as_deref()),
         Command::Try {
             config,
             source,
@@ -110,6 +139,31 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn convert_positions(
+    positions: &std::path::Path,
+    state_dir: &std::path::Path,
+    force: bool,
+    report_path: Option<&std::path::Path>,
+) -> ExitCode {
+    let report = match ztail::convert::positions::convert(positions, state_dir, force) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ztail: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    eprint!("{}", report.summary());
+    if let Some(path) = report_path {
+        // Serializing strings and integers cannot fail.
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!("ztail: cannot write the report {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {

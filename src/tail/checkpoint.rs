@@ -31,6 +31,10 @@ use crate::pipeline::TAIL_LEN;
 
 const FILE_NAME: &str = "checkpoints.jsonl";
 const HEADER: &str = "ztail-checkpoints v1";
+/// The header of a checkpoint file written by `ztail convert promtail-positions`: positions
+/// taken over from another shipper, before ztail's first start. Files without one of them
+/// start as at a first start (`start_at`); ztail's first save writes [`HEADER`].
+const HEADER_IMPORTED: &str = "ztail-checkpoints v1 imported";
 
 /// One file's checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,10 +108,11 @@ impl StateDir {
             }
         };
         let text = String::from_utf8_lossy(&text);
+        let imported = text.lines().next() == Some(HEADER_IMPORTED);
         let mut entries = HashMap::new();
         let mut damaged = 0;
         for (i, line) in text.lines().enumerate() {
-            if i == 0 && line == HEADER || line.is_empty() {
+            if i == 0 && (line == HEADER || line == HEADER_IMPORTED) || line.is_empty() {
                 continue;
             }
             match parse_line(line) {
@@ -121,13 +126,20 @@ impl StateDir {
             tracing::warn!(path = %path.display(), damaged_lines = damaged, "the checkpoint file is damaged; files without a readable checkpoint will be read from their beginning (duplicates possible, nothing lost)");
         }
         Loaded {
-            first_start: false,
+            first_start: imported,
             entries,
         }
     }
 
+    /// Writes positions taken over from another shipper as the checkpoint file of a ztail
+    /// that has not started yet: at its first start, these files resume at their positions
+    /// and every other file starts at `start_at`.
+    pub fn save_imported(&self, entries: &[Entry]) -> io::Result<()> {
+        self.write(&render(HEADER_IMPORTED, entries))
+    }
+
     /// Whether the checkpoint file is where it should be (a cleanup job may have removed it,
-    /// or the whole directory).
+    /// or the whole directory). Unlike [`load`](Self::load), never writes one.
     pub fn is_intact(&self) -> bool {
         self.dir.join(FILE_NAME).exists()
     }
@@ -135,13 +147,7 @@ impl StateDir {
     /// Replaces the checkpoint file atomically. If the directory is gone, it is recreated and
     /// locked again first.
     pub fn save(&self, entries: &[Entry]) -> io::Result<()> {
-        let mut out = String::with_capacity(64 + entries.len() * 160);
-        out.push_str(HEADER);
-        out.push('\n');
-        for e in entries {
-            out.push_str(&format_line(e));
-            out.push('\n');
-        }
+        let out = render(HEADER, entries);
         match self.write(&out) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && !self.dir.exists() => {
                 let lock = take(&self.dir).map_err(io::Error::other)?;
@@ -173,6 +179,18 @@ impl StateDir {
         fs::rename(&tmp, self.dir.join(FILE_NAME))?;
         File::open(&self.dir)?.sync_all()
     }
+}
+
+/// The checkpoint file's text: the header, then a line per entry.
+fn render(header: &str, entries: &[Entry]) -> String {
+    let mut out = String::with_capacity(64 + entries.len() * 160);
+    out.push_str(header);
+    out.push('\n');
+    for e in entries {
+        out.push_str(&format_line(e));
+        out.push('\n');
+    }
+    out
 }
 
 /// Creates the directory (mode 0700) if needed, checks its owner and takes its lock.
@@ -393,5 +411,22 @@ mod tests {
         let loaded = state.load();
         assert!(!loaded.first_start);
         assert_eq!(loaded.entries[&(1, 1)].offset, 100);
+    }
+
+    #[test]
+    fn imported_positions_load_as_a_first_start_until_ztail_saves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        assert!(!state.is_intact());
+        state.save_imported(&[entry(1, 100)]).unwrap();
+        let loaded = state.load();
+        assert!(loaded.first_start, "other files start at start_at");
+        assert_eq!(loaded.entries[&(1, 1)].offset, 100);
+        // Loaded again (ztail killed before its first checkpoint): still a first start.
+        assert!(state.load().first_start);
+        state.save(&[entry(1, 200)]).unwrap();
+        let loaded = state.load();
+        assert!(!loaded.first_start);
+        assert_eq!(loaded.entries[&(1, 1)].offset, 200);
     }
 }

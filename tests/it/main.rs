@@ -6,6 +6,7 @@
 mod support;
 
 mod check;
+mod convert;
 mod delivery;
 mod demo;
 mod deploy;

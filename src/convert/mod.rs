@@ -1,0 +1,3 @@
+//! `ztail convert`: taking over from another shipper.
+
+pub mod positions;

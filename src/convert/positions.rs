@@ -1,0 +1,241 @@
+//! `ztail convert promtail-positions`: Promtail's `positions.yaml` as ztail checkpoints, so that
+//! ztail starts where Promtail stopped, re-sending nothing and skipping nothing.
+//!
+//! Promtail keys a position by path only, and its offset may be stale (the file rotated or was
+//! truncated since) or, in a file being written, fall inside a line. An entry is imported only
+//! when the file at its path is at least as long as the offset and the offset is the start of
+//! the file or falls just after a newline; the checkpoint then names the file by device and
+//! inode with ztail's own fingerprint of its first bytes and of the bytes before the offset,
+//! taken now. Every other entry is reported with its reason, and its file starts at the
+//! source's `start_at` as at any first start. Journal cursors are reported too (ztail reads no
+//! journal yet).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::TAIL_LEN;
+use crate::tail::checkpoint::{Entry, StateDir};
+use crate::tail::reader::{HEAD_LEN, hash, read_head};
+
+/// What the conversion did with each position.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// The state directory written.
+    pub state_dir: PathBuf,
+    pub imported: Vec<Imported>,
+    pub not_imported: Vec<NotImported>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Imported {
+    pub path: String,
+    pub offset: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NotImported {
+    /// The key in `positions.yaml`: a path, or a journal's `journal-<job>`.
+    pub key: String,
+    pub reason: String,
+}
+
+/// `positions.yaml` as Promtail writes it.
+#[derive(Deserialize)]
+struct Positions {
+    #[serde(default)]
+    positions: BTreeMap<String, Offset>,
+}
+
+/// Promtail writes offsets as quoted strings; a hand-edited file may have plain numbers.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Offset {
+    Number(u64),
+    Text(String),
+}
+
+/// Reads Promtail's positions file and writes the checkpoints of the positions that can be
+/// taken over into `state_dir`. Refuses a state directory that already has checkpoints (ztail
+/// has run there) unless `force`.
+pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Result<Report> {
+    let text = std::fs::read_to_string(positions)
+        .with_context(|| format!("cannot read {}", positions.display()))?;
+    let parsed: Positions = yaml_serde::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a Promtail positions file: {e} (expected `positions:` with `path: \"offset\"` entries)",
+            positions.display()
+        )
+    })?;
+    // Taking the lock first: a ztail running on this directory would overwrite the result.
+    let state = StateDir::open(state_dir)?;
+    if state.is_intact() && !force {
+        anyhow::bail!(
+            "{} already has ztail checkpoints: ztail has run with this state directory, and \
+             its positions are newer than Promtail's; use --force to replace them",
+            state_dir.display()
+        );
+    }
+    let mut report = Report {
+        state_dir: state_dir.to_owned(),
+        ..Report::default()
+    };
+    let mut entries: Vec<Entry> = Vec::new();
+    for (key, offset) in parsed.positions {
+        match take_over(&key, &offset) {
+            Ok(entry) => {
+                // Two keys for one file (a hard link, or a path and its symlink): the one
+                // further behind wins, so nothing between them is skipped.
+                if let Some(other) = entries
+                    .iter_mut()
+                    .find(|e| (e.dev, e.ino) == (entry.dev, entry.ino))
+                {
+                    let (kept, dropped) = if entry.offset < other.offset {
+                        (entry, other.clone())
+                    } else {
+                        (other.clone(), entry)
+                    };
+                    report.not_imported.push(NotImported {
+                        key: dropped.path.display().to_string(),
+                        reason: format!(
+                            "the same file as {} (kept, at the lower offset {})",
+                            kept.path.display(),
+                            kept.offset
+                        ),
+                    });
+                    *other = kept;
+                    continue;
+                }
+                entries.push(entry);
+            }
+            Err(reason) => report.not_imported.push(NotImported { key, reason }),
+        }
+    }
+    report.imported = entries
+        .iter()
+        .map(|e| Imported {
+            path: e.path.display().to_string(),
+            offset: e.offset,
+        })
+        .collect();
+    state
+        .save_imported(&entries)
+        .with_context(|| format!("cannot write checkpoints into {}", state_dir.display()))?;
+    Ok(report)
+}
+
+/// The checkpoint of one position, or why it cannot be taken over.
+fn take_over(key: &str, offset: &Offset) -> Result<Entry, String> {
+    if key.starts_with("journal-") {
+        return Err("a journal cursor: ztail does not read the journal yet".into());
+    }
+    let path = Path::new(key);
+    if !path.is_absolute() {
+        return Err("not an absolute path".into());
+    }
+    let offset = match offset {
+        Offset::Number(n) => *n,
+        Offset::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| format!("offset {t:?} is not a number"))?,
+    };
+    let file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read the file's metadata: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let size = meta.len();
+    if size < offset {
+        return Err(format!(
+            "the file has {size} bytes, fewer than the offset {offset}: it was rotated or \
+             truncated since Promtail stopped"
+        ));
+    }
+    let tail_len = offset.min(TAIL_LEN as u64) as usize;
+    let mut tail = vec![0; tail_len];
+    file.read_exact_at(&mut tail, offset - tail_len as u64)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if tail.last().is_some_and(|&b| b != b'\n') {
+        return Err(format!(
+            "the offset {offset} is inside a line: Promtail stopped while the line was being \
+             written, so the file may have changed since"
+        ));
+    }
+    let head = read_head(&file, HEAD_LEN).map_err(|e| format!("cannot read the file: {e}"))?;
+    Ok(Entry {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        path: path.to_owned(),
+        head_len: head.len() as u32,
+        head_hash: hash(&head),
+        offset,
+        tail_len: tail_len as u32,
+        tail_hash: hash(&tail),
+    })
+}
+
+impl Report {
+    /// The summary printed to stderr.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "imported {} of {} positions into {}\n",
+            self.imported.len(),
+            self.imported.len() + self.not_imported.len(),
+            self.state_dir.display()
+        );
+        for i in &self.imported {
+            out += &format!("  {} from offset {}\n", i.path, i.offset);
+        }
+        if !self.not_imported.is_empty() {
+            out += "not imported (these files start at their source's start_at):\n";
+            for n in &self.not_imported {
+                out += &format!("  {}: {}\n", n.key, n.reason);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_taken_over_only_after_a_newline_within_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "one\ntwo\nthree").unwrap();
+        let at = |n: u64| take_over(log.to_str().unwrap(), &Offset::Text(n.to_string()));
+        assert_eq!(at(0).unwrap().offset, 0);
+        assert_eq!(at(4).unwrap().offset, 4);
+        let e = at(8).unwrap();
+        assert_eq!((e.offset, e.tail_len), (8, 8));
+        assert_eq!(e.tail_hash, hash(b"one\ntwo\n"));
+        assert_eq!((e.head_len, e.head_hash), (13, hash(b"one\ntwo\nthree")));
+        assert!(at(6).unwrap_err().contains("inside a line"));
+        assert!(at(13).unwrap_err().contains("inside a line"));
+        assert!(at(14).unwrap_err().contains("fewer than the offset"));
+        let n = take_over(log.to_str().unwrap(), &Offset::Number(4)).unwrap();
+        assert_eq!(n.offset, 4);
+        assert!(
+            take_over(log.to_str().unwrap(), &Offset::Text("x".into()))
+                .unwrap_err()
+                .contains("not a number")
+        );
+        assert!(take_over("journal-systemd", &Offset::Text("s=1".into())).is_err());
+        assert!(take_over("relative.log", &Offset::Number(0)).is_err());
+        let gone = dir.path().join("gone.log");
+        assert!(
+            take_over(gone.to_str().unwrap(), &Offset::Number(0))
+                .unwrap_err()
+                .contains("cannot open")
+        );
+    }
+}
