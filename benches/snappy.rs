@@ -13,8 +13,10 @@
 //! of them; the median round is printed. Rows:
 //!
 //! - `snap`: the `snap` crate, ztail's compressor.
-//! - `snappy C++`: Google's snappy, built from source by the `snappy_src` crate with the
-//!   compiler's defaults (no `-march`, as a distributable binary is built).
+//! - `snappy C++`: Google's snappy, built from source by the `snappy_src` crate. Its build
+//!   script passes no `config.h`; `.cargo/config.toml` sets the macros snappy's CMake build
+//!   defines (`NDEBUG`, `HAVE_BUILTIN_CTZ`, ...), without which it runs its portable fallbacks
+//!   and asserts at about 0.6x its speed. No `-march`, as a distributable binary is built.
 //! - `ztail encode::protobuf`: what ztail does per request, building the body and compressing
 //!   it block by block (so its MB/s includes the protobuf writing).
 //! - `ztail, compression = none`: `encode::protobuf_stored`, the body in snappy's format with

@@ -1,19 +1,21 @@
 //! `ztail convert promtail-positions`: Promtail's `positions.yaml` as ztail checkpoints, so that
-//! ztail starts where Promtail stopped, re-sending nothing and skipping nothing.
+//! ztail starts where Promtail stopped (exactly, after a clean stop of Promtail: its positions
+//! are what it read, written every `sync_period` and at exit).
 //!
 //! Promtail keys a position by path only, and its offset may be stale (the file rotated or was
 //! truncated since) or, in a file being written, fall inside a line. An entry is imported only
-//! when the file at its path is at least as long as the offset and the offset is the start of
-//! the file or falls just after a newline; the checkpoint then names the file by device and
+//! when the file at its path was not created after the positions file was last written, is at
+//! least as long as the offset, and the offset is the start of the file or falls just after a
+//! newline; the checkpoint then names the file by device and
 //! inode with ztail's own fingerprint of its first bytes and of the bytes before the offset,
 //! taken now. Every other entry is reported with its reason, and its file starts at the
 //! source's `start_at` as at any first start. Journal cursors are reported too (ztail reads no
 //! journal yet).
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -63,8 +65,23 @@ enum Offset {
 /// taken over into `state_dir`. Refuses a state directory that already has checkpoints (ztail
 /// has run there) unless `force`.
 pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Result<Report> {
-    let text = std::fs::read_to_string(positions)
-        .with_context(|| format!("cannot read {}", positions.display()))?;
+    let text = std::fs::read_to_string(positions).with_context(|| {
+        format!(
+            "cannot read {} (Promtail writes it readable by its own user only; copy it where \
+             ztail's user can read it)",
+            positions.display()
+        )
+    })?;
+    // When Promtail last wrote its positions: a file at one of its paths created later is a
+    // successor (the path rotated since), whatever its offsets look like.
+    let written = std::fs::metadata(positions)
+        .and_then(|m| m.modified())
+        .with_context(|| {
+            format!(
+                "cannot read the modification time of {}",
+                positions.display()
+            )
+        })?;
     let parsed: Positions = yaml_serde::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
             "{}: not a Promtail positions file: {e} (expected `positions:` with `path: \"offset\"` entries)",
@@ -72,11 +89,16 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
         )
     })?;
     // Taking the lock first: a ztail running on this directory would overwrite the result.
-    let state = StateDir::open(state_dir)?;
-    if state.is_intact() && !force {
+    let state = StateDir::open(state_dir).context(
+        "run `ztail convert` as the user ztail runs as, so that the state directory is theirs",
+    )?;
+    // An earlier conversion's file is replaced freely; ztail's own only with --force.
+    if state.is_intact() && !state.is_imported() && !force {
         anyhow::bail!(
             "{} already has ztail checkpoints: ztail has run with this state directory, and \
-             its positions are newer than Promtail's; use --force to replace them",
+             its positions are newer than Promtail's. --force replaces all of them with \
+             Promtail's, and ztail then starts as at a first start (files Promtail has no \
+             position for start at start_at)",
             state_dir.display()
         );
     }
@@ -86,7 +108,7 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
     };
     let mut entries: Vec<Entry> = Vec::new();
     for (key, offset) in parsed.positions {
-        match take_over(&key, &offset) {
+        match take_over(&key, &offset, written) {
             Ok(entry) => {
                 // Two keys for one file (a hard link, or a path and its symlink): the one
                 // further behind wins, so nothing between them is skipped.
@@ -129,13 +151,17 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
 }
 
 /// The checkpoint of one position, or why it cannot be taken over.
-fn take_over(key: &str, offset: &Offset) -> Result<Entry, String> {
+fn take_over(key: &str, offset: &Offset, written: SystemTime) -> Result<Entry, String> {
     if key.starts_with("journal-") {
         return Err("a journal cursor: ztail does not read the journal yet".into());
     }
     let path = Path::new(key);
     if !path.is_absolute() {
-        return Err("not an absolute path".into());
+        return Err(
+            "not a file path (another kind of target's position); ztail takes over \
+                    file positions only"
+                .into(),
+        );
     }
     let offset = match offset {
         Offset::Number(n) => *n,
@@ -144,12 +170,32 @@ fn take_over(key: &str, offset: &Offset) -> Result<Entry, String> {
             .parse()
             .map_err(|_| format!("offset {t:?} is not a number"))?,
     };
-    let file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
+    // Checked before opening: opening a FIFO would block.
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot open the file: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("cannot open the file: {e}"))?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot read the file's metadata: {e}"))?;
     if !meta.is_file() {
         return Err("not a regular file".into());
+    }
+    // Filesystems without a birth time (and kernels before statx) cannot tell; then the
+    // length and newline checks below are all there is.
+    if let Ok(born) = meta.created()
+        && born > written
+    {
+        return Err(
+            "the file was created after Promtail last wrote its positions: the path \
+                    rotated since, and the offset belongs to its predecessor"
+                .into(),
+        );
     }
     let size = meta.len();
     if size < offset {
@@ -194,7 +240,8 @@ impl Report {
             out += &format!("  {} from offset {}\n", i.path, i.offset);
         }
         if !self.not_imported.is_empty() {
-            out += "not imported (these files start at their source's start_at):\n";
+            out += "not imported (a file among these starts at its source's start_at, unless \
+                    it is the same file as an imported one):\n";
             for n in &self.not_imported {
                 out += &format!("  {}: {}\n", n.key, n.reason);
             }
@@ -212,7 +259,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("app.log");
         std::fs::write(&log, "one\ntwo\nthree").unwrap();
-        let at = |n: u64| take_over(log.to_str().unwrap(), &Offset::Text(n.to_string()));
+        let later = SystemTime::now() + std::time::Duration::from_secs(3600);
+        let at = |n: u64| take_over(log.to_str().unwrap(), &Offset::Text(n.to_string()), later);
         assert_eq!(at(0).unwrap().offset, 0);
         assert_eq!(at(4).unwrap().offset, 4);
         let e = at(8).unwrap();
@@ -222,20 +270,37 @@ mod tests {
         assert!(at(6).unwrap_err().contains("inside a line"));
         assert!(at(13).unwrap_err().contains("inside a line"));
         assert!(at(14).unwrap_err().contains("fewer than the offset"));
-        let n = take_over(log.to_str().unwrap(), &Offset::Number(4)).unwrap();
+        let n = take_over(log.to_str().unwrap(), &Offset::Number(4), later).unwrap();
         assert_eq!(n.offset, 4);
         assert!(
-            take_over(log.to_str().unwrap(), &Offset::Text("x".into()))
+            take_over(log.to_str().unwrap(), &Offset::Text("x".into()), later)
                 .unwrap_err()
                 .contains("not a number")
         );
-        assert!(take_over("journal-systemd", &Offset::Text("s=1".into())).is_err());
-        assert!(take_over("relative.log", &Offset::Number(0)).is_err());
+        assert!(take_over("journal-systemd", &Offset::Text("s=1".into()), later).is_err());
+        assert!(take_over("relative.log", &Offset::Number(0), later).is_err());
         let gone = dir.path().join("gone.log");
         assert!(
-            take_over(gone.to_str().unwrap(), &Offset::Number(0))
+            take_over(gone.to_str().unwrap(), &Offset::Number(0), later)
                 .unwrap_err()
                 .contains("cannot open")
         );
+        // A file born after the positions were written is a successor at that path (where
+        // the filesystem records birth times, as this test's does).
+        if std::fs::metadata(&log).unwrap().created().is_ok() {
+            let earlier = SystemTime::now() - std::time::Duration::from_secs(3600);
+            let err = take_over(log.to_str().unwrap(), &Offset::Number(4), earlier).unwrap_err();
+            assert!(err.contains("created after Promtail"), "{err}");
+        }
+        // A FIFO is refused without blocking on its open.
+        let fifo = dir.path().join("fifo.log");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let err = take_over(fifo.to_str().unwrap(), &Offset::Number(0), later).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }

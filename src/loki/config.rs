@@ -21,7 +21,7 @@ pub enum BodyFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
-    /// Snappy, what Promtail and Alloy send: a third of the bytes, two thirds of ztail's CPU.
+    /// Snappy, what Promtail and Alloy send: a third of the bytes, about 60 % of ztail's CPU.
     Snappy,
     /// Snappy's format with nothing compressed (Loki reads every protobuf body as snappy): no
     /// compression CPU, about three times the bytes.

@@ -33,7 +33,8 @@ const FILE_NAME: &str = "checkpoints.jsonl";
 const HEADER: &str = "ztail-checkpoints v1";
 /// The header of a checkpoint file written by `ztail convert promtail-positions`: positions
 /// taken over from another shipper, before ztail's first start. Files without one of them
-/// start as at a first start (`start_at`); ztail's first save writes [`HEADER`].
+/// start as at a first start (`start_at`); the first load rewrites the file with [`HEADER`],
+/// so that only one start is a first start.
 const HEADER_IMPORTED: &str = "ztail-checkpoints v1 imported";
 
 /// One file's checkpoint.
@@ -122,13 +123,35 @@ impl StateDir {
                 None => damaged += 1,
             }
         }
-        if damaged > 0 || !text.starts_with(HEADER) {
+        if imported {
+            if damaged > 0 {
+                tracing::warn!(path = %path.display(), damaged_lines = damaged, "the imported checkpoint file is damaged; files without a readable checkpoint start at their source's start_at");
+            }
+            // The first start with imported positions is this one only: written back as ztail's
+            // own at once, a crash before the first checkpoint makes the next start read new
+            // files from their beginning (duplicates), never skip to their end again (loss).
+            let own: Vec<Entry> = entries.values().cloned().collect();
+            if let Err(e) = self.save(&own) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot rewrite the imported checkpoint file; retried at the next checkpoint");
+            }
+        } else if damaged > 0 || !text.starts_with(HEADER) {
             tracing::warn!(path = %path.display(), damaged_lines = damaged, "the checkpoint file is damaged; files without a readable checkpoint will be read from their beginning (duplicates possible, nothing lost)");
         }
         Loaded {
             first_start: imported,
             entries,
         }
+    }
+
+    /// Whether the checkpoint file was written by `ztail convert` and no ztail has started
+    /// on it since.
+    pub fn is_imported(&self) -> bool {
+        let Ok(f) = File::open(self.dir.join(FILE_NAME)) else {
+            return false;
+        };
+        let mut first = String::new();
+        let _ = io::BufRead::read_line(&mut io::BufReader::new(f), &mut first);
+        first.trim_end() == HEADER_IMPORTED
     }
 
     /// Writes positions taken over from another shipper as the checkpoint file of a ztail
@@ -414,16 +437,24 @@ mod tests {
     }
 
     #[test]
-    fn imported_positions_load_as_a_first_start_until_ztail_saves() {
+    fn imported_positions_load_as_a_first_start_once() {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::open(tmp.path()).unwrap();
         assert!(!state.is_intact());
         state.save_imported(&[entry(1, 100)]).unwrap();
+        assert!(state.is_imported());
         let loaded = state.load();
         assert!(loaded.first_start, "other files start at start_at");
         assert_eq!(loaded.entries[&(1, 1)].offset, 100);
-        // Loaded again (ztail killed before its first checkpoint): still a first start.
-        assert!(state.load().first_start);
+        assert!(
+            !state.is_imported(),
+            "written back as ztail's own when loaded"
+        );
+        // Loaded again (ztail killed before its first checkpoint): not a first start any more,
+        // so files found now are read from their beginning, never skipped to their end.
+        let loaded = state.load();
+        assert!(!loaded.first_start);
+        assert_eq!(loaded.entries[&(1, 1)].offset, 100);
         state.save(&[entry(1, 200)]).unwrap();
         let loaded = state.load();
         assert!(!loaded.first_start);

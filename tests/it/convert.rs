@@ -81,14 +81,8 @@ async fn ztail_starts_where_promtail_stopped() {
     assert!(reason(&missing).contains("cannot open"));
     assert!(reason("journal-systemd").contains("journal"));
 
-    // Checkpoints are there now: never replaced without --force.
+    // An earlier conversion is replaced without --force (ztail has not run on it).
     let (code, out) = convert(&env, &[]);
-    assert_eq!(code, 2, "{out}");
-    assert!(
-        out.contains("already has ztail checkpoints") && out.contains("--force"),
-        "{out}"
-    );
-    let (code, out) = convert(&env, &["--force"]);
     assert_eq!(code, 0, "{out}");
 
     let rx = env.receiver(LOKI_ID).await;
@@ -121,4 +115,25 @@ async fn ztail_starts_where_promtail_stopped() {
         assert_eq!(got[path], want(&["after"]), "{path}: start_at = end");
     }
     assert_eq!(got.len(), 5, "{got:?}");
+
+    // While ztail holds the state directory, nothing is written into it.
+    let (code, out) = convert(&env, &["--force"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("another ztail is using"), "{out}");
+    // Once ztail has run, its checkpoints are its own: replaced only with --force.
+    let mut zt = zt;
+    zt.kill();
+    let before = std::fs::read(env.path("state/checkpoints.jsonl")).unwrap();
+    let (code, out) = convert(&env, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("already has ztail checkpoints") && out.contains("--force"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(env.path("state/checkpoints.jsonl")).unwrap(),
+        before
+    );
+    let (code, out) = convert(&env, &["--force"]);
+    assert_eq!(code, 0, "{out}");
 }
