@@ -106,6 +106,9 @@ pub struct ApiStatus {
     pub namespaces_listed: bool,
     pub last_error: Option<String>,
     pub last_error_unix: i64,
+    /// The watches failing now, with their last error: `connected` only when none is.
+    #[serde(skip)]
+    pub failing: BTreeMap<&'static str, String>,
     pub pods: usize,
     /// Of `pods`, those deleted and kept while their files drain.
     pub pods_deleted: usize,
@@ -334,7 +337,7 @@ impl Metadata {
             .set(lock(&self.store).pods.len() as i64);
     }
 
-    fn failed(&self, resource: &str, e: &dyn std::fmt::Display) {
+    fn failed(&self, resource: &'static str, e: &dyn std::fmt::Display) {
         self.metrics
             .kubernetes_watch_errors
             .get_or_create(&KindLabel {
@@ -344,10 +347,11 @@ impl Metadata {
         self.metrics.kubernetes_api_up.set(0);
         let msg = format!("{resource}: {e}");
         let mut s = lock(&self.status);
-        // Logged when the error changes, not on every retry of an outage.
-        if s.connected || s.last_error.as_deref() != Some(&msg) {
+        // Logged when a watch's error changes, not on every retry of an outage.
+        if s.failing.get(resource) != Some(&msg) {
             tracing::warn!(api_server = ?self.cfg.api_server, error = %msg, "kubernetes API server: watch failed; retrying with backoff, shipping continues with cached metadata");
         }
+        s.failing.insert(resource, msg.clone());
         s.connected = false;
         s.last_error = Some(msg);
         s.last_error_unix = SystemTime::now()
@@ -355,9 +359,13 @@ impl Metadata {
             .map_or(0, |d| d.as_secs() as i64);
     }
 
-    fn connected(&self) {
+    /// A watch of `resource` delivered an event. The API server counts as reachable (and
+    /// `ztail_kubernetes_api_up` as 1) only once every failing watch has recovered: pods
+    /// created meanwhile are not seen while the pod watch is still backing off.
+    fn connected(&self, resource: &'static str) {
         let mut s = lock(&self.status);
-        if !s.connected {
+        s.failing.remove(resource);
+        if !s.connected && s.failing.is_empty() {
             if s.last_error.is_some() {
                 tracing::info!(api_server = ?self.cfg.api_server, "kubernetes API server reachable again");
             }
@@ -444,7 +452,7 @@ impl Metadata {
                     continue;
                 }
             };
-            self.connected();
+            self.connected(K::KIND);
             match ev {
                 Event::Init => listed.clear(),
                 Event::InitApply(o) => {
@@ -717,6 +725,25 @@ mod tests {
         assert_eq!(m.view("u1", "app", &[]).unwrap().labels, v.labels);
         m.sweep();
         assert!(m.view("u1", "app", &[]).is_some(), "kept for DELETED_KEEP");
+    }
+
+    #[test]
+    fn the_api_server_is_up_only_when_every_watch_is() {
+        let m = metadata();
+        let up = |m: &Metadata| (m.status().connected, m.metrics.kubernetes_api_up.get());
+        m.connected("pods");
+        m.connected("namespaces");
+        assert_eq!(up(&m), (true, 1));
+        m.failed("pods", &"connection refused");
+        m.failed("namespaces", &"connection refused");
+        assert_eq!(up(&m), (false, 0));
+        // The namespace watch is back first: pods created now would not be seen yet.
+        m.connected("namespaces");
+        assert_eq!(up(&m), (false, 0));
+        assert!(m.degraded().is_some());
+        m.connected("pods");
+        assert_eq!(up(&m), (true, 1));
+        assert!(m.status().failing.is_empty());
     }
 
     #[test]
