@@ -377,14 +377,50 @@ async fn wait_for_signal() {
     }
 }
 
+/// `RUST_LOG`, else `log.level`, as a filter. kube-client logs each failed connection to the
+/// API server at error level and each watch that ends without TLS close_notify (an API server
+/// restart, a load balancer's idle timeout) as a warning, and ztail's own warning and
+/// `ztail_kubernetes_api_up` already report both. Its lines show when the filter names
+/// `kube_client` or sets `debug` or `trace` for everything.
+fn log_filter(spec: &str) -> String {
+    let everything_verbose = spec
+        .split(',')
+        .any(|d| matches!(d.trim(), "debug" | "trace"));
+    if spec.contains("kube_client") || everything_verbose {
+        spec.to_owned()
+    } else {
+        format!("{spec},kube_client=off")
+    }
+}
+
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let from_env = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
+    let filter = from_env
+        .and_then(|spec| tracing_subscriber::EnvFilter::try_new(log_filter(&spec)).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(log_filter(level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kube_client_warnings_are_quiet_unless_asked_for() {
+        assert_eq!(super::log_filter("info"), "info,kube_client=off");
+        assert_eq!(
+            super::log_filter("info,ztail=debug"),
+            "info,ztail=debug,kube_client=off"
+        );
+        assert_eq!(super::log_filter("debug"), "debug");
+        assert_eq!(super::log_filter("ztail=info,trace"), "ztail=info,trace");
+        assert_eq!(
+            super::log_filter("info,kube_client=warn"),
+            "info,kube_client=warn"
+        );
     }
 }

@@ -352,6 +352,17 @@ async fn an_api_server_outage_and_a_rotated_token_stop_nothing() {
     for e in of_pod(&rx.entries(), "late") {
         assert_eq!(labels(e)["app"], "late", "{e:?}; log:\n{}", zt.log());
     }
+    // ztail says what happened in its own words, once, not in the client library's.
+    let log = zt.log();
+    assert!(log.contains("watch failed; retrying with backoff"), "{log}");
+    assert!(
+        log.contains("kubernetes API server reachable again"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("eof in poll") && !log.contains("kube_client"),
+        "{log}"
+    );
 }
 
 /// End to end with real components only: SPIRE issues the SVIDs, the API server the pod
