@@ -112,14 +112,14 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
             Ok(entry) => {
                 // Two keys for one file (a hard link, or a path and its symlink): the one
                 // further behind wins, so nothing between them is skipped.
-                if let Some(other) = entries
+                if let Some(kept) = entries
                     .iter_mut()
                     .find(|e| (e.dev, e.ino) == (entry.dev, entry.ino))
                 {
-                    let (kept, dropped) = if entry.offset < other.offset {
-                        (entry, other.clone())
+                    let dropped = if entry.offset < kept.offset {
+                        std::mem::replace(kept, entry)
                     } else {
-                        (other.clone(), entry)
+                        entry
                     };
                     report.not_imported.push(NotImported {
                         key: dropped.path.display().to_string(),
@@ -129,7 +129,6 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
                             kept.offset
                         ),
                     });
-                    *other = kept;
                     continue;
                 }
                 entries.push(entry);
@@ -170,11 +169,7 @@ fn take_over(key: &str, offset: &Offset, written: SystemTime) -> Result<Entry, S
             .parse()
             .map_err(|_| format!("offset {t:?} is not a number"))?,
     };
-    // Checked before opening: opening a FIFO would block.
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot open the file: {e}"))?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
+    // Non-blocking: opening a FIFO for reading would wait for a writer.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -253,6 +248,42 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_keys_for_one_file_keep_the_lower_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        let link = dir.path().join("link.log");
+        std::fs::write(&log, "one\ntwo\nthree\n").unwrap();
+        std::fs::hard_link(&log, &link).unwrap();
+        let positions = dir.path().join("positions.yaml");
+        for (first, second) in [(8, 4), (4, 8)] {
+            std::fs::write(
+                &positions,
+                format!(
+                    "positions:\n  {}: \"{first}\"\n  {}: \"{second}\"\n",
+                    log.display(),
+                    link.display()
+                ),
+            )
+            .unwrap();
+            let state = dir.path().join(format!("state-{first}"));
+            let report = convert(&positions, &state, false).unwrap();
+            assert_eq!(report.imported.len(), 1, "{report:?}");
+            assert_eq!(report.imported[0].offset, 4, "{report:?}");
+            assert_eq!(report.not_imported.len(), 1, "{report:?}");
+            assert!(report.not_imported[0].reason.contains("lower offset 4"));
+            let loaded = StateDir::open(&state).unwrap().load();
+            assert_eq!(
+                loaded
+                    .entries
+                    .values()
+                    .map(|e| e.offset)
+                    .collect::<Vec<_>>(),
+                [4]
+            );
+        }
+    }
 
     #[test]
     fn positions_are_taken_over_only_after_a_newline_within_the_file() {

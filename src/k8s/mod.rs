@@ -740,7 +740,6 @@ mod tests {
         // The namespace watch is back first: pods created now would not be seen yet.
         m.connected("namespaces");
         assert_eq!(up(&m), (false, 0));
-        assert!(m.degraded().is_some());
         m.connected("pods");
         assert_eq!(up(&m), (true, 1));
         assert!(m.status().failing.is_empty());
