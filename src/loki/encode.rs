@@ -409,14 +409,14 @@ fn put_bytes(out: &mut Vec<u8>, field: u8, b: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loki::labels::LabelSet;
+    use crate::pipeline::{Cursor, Entry, Position, Stream};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     /// A batch of two streams with `lines` lines of varied lengths (some far longer than a
     /// block), split into chunks of 100 entries.
     fn batch(lines: usize) -> Batch {
-        use crate::loki::labels::LabelSet;
-        use crate::pipeline::{Cursor, Entry, Position, Stream};
-        use std::collections::BTreeMap;
-        use std::sync::Arc;
         let streams: Vec<Arc<Stream>> = ["a", "b"]
             .iter()
             .map(|v| {
@@ -441,18 +441,28 @@ mod tests {
                 e.ts = 1_700_000_000_000_000_000 + n as i64;
                 entries.push(e);
             }
-            batch.push(Chunk {
-                stream: streams[c % 2].clone(),
-                cursor: cursor.clone(),
-                data: bytes::Bytes::from(data),
-                entries,
-                meta: Vec::new().into(),
-                meta_names: Vec::new().into(),
-                end: Position::default(),
-                caught_up: false,
-            });
+            batch.push(chunk(&streams[c % 2], &cursor, data, entries));
         }
         batch
+    }
+
+    /// A chunk of `entries` over `data`, without metadata.
+    fn chunk(
+        stream: &Arc<Stream>,
+        cursor: &Arc<Cursor>,
+        data: Vec<u8>,
+        entries: Vec<Entry>,
+    ) -> Chunk {
+        Chunk {
+            stream: stream.clone(),
+            cursor: cursor.clone(),
+            data: bytes::Bytes::from(data),
+            entries,
+            meta: Vec::new().into(),
+            meta_names: Vec::new().into(),
+            end: Position::default(),
+            caught_up: false,
+        }
     }
 
     #[test]
@@ -514,22 +524,12 @@ mod tests {
 
     /// A batch of one stream with one entry of `line`.
     fn one_line_batch(line: &str) -> Batch {
-        use crate::loki::labels::LabelSet;
-        use crate::pipeline::{Cursor, Entry, Position, Stream};
-        use std::collections::BTreeMap;
-        use std::sync::Arc;
         let labels = BTreeMap::from([("job".to_owned(), "a".to_owned())]);
+        let stream = Arc::new(Stream::new(&LabelSet::new(labels)));
+        let cursor = Arc::new(Cursor::new(Position::default()));
         let mut batch = Batch::new();
-        batch.push(Chunk {
-            stream: Arc::new(Stream::new(&LabelSet::new(labels))),
-            cursor: Arc::new(Cursor::new(Position::default())),
-            data: bytes::Bytes::copy_from_slice(line.as_bytes()),
-            entries: vec![Entry::text(0, line.len())],
-            meta: Vec::new().into(),
-            meta_names: Vec::new().into(),
-            end: Position::default(),
-            caught_up: false,
-        });
+        let entries = vec![Entry::text(0, line.len())];
+        batch.push(chunk(&stream, &cursor, line.as_bytes().to_vec(), entries));
         batch
     }
 
