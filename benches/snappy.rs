@@ -92,18 +92,8 @@ fn main() {
         for case in &mut cases {
             case.run(&bodies);
         }
-        let start = Instant::now();
-        let n: usize = batches
-            .iter()
-            .map(|b| std::hint::black_box(protobuf(b, None)).len())
-            .sum();
-        whole.push((start.elapsed().as_secs_f64(), n));
-        let start = Instant::now();
-        let n: usize = batches
-            .iter()
-            .map(|b| std::hint::black_box(protobuf_stored(b, None)).len())
-            .sum();
-        stored.push((start.elapsed().as_secs_f64(), n));
+        whole.push(encode_all(&batches, protobuf));
+        stored.push(encode_all(&batches, protobuf_stored));
         let mut enc = snap::raw::Encoder::new();
         let mut dst = vec![0; snap::raw::max_compress_len(BLOCK)];
         let start = Instant::now();
@@ -142,6 +132,16 @@ fn main() {
         assert!(dec.decompress_vec(&protobuf_stored(b, None)).unwrap() == *body);
     }
     println!("  (every output above decoded with snap's decoder to the exact body)");
+}
+
+/// Seconds to encode every batch with ztail's `encode`, and the bytes it made.
+fn encode_all(batches: &[Batch], encode: fn(&Batch, Option<&str>) -> Vec<u8>) -> (f64, usize) {
+    let start = Instant::now();
+    let n = batches
+        .iter()
+        .map(|b| std::hint::black_box(encode(b, None)).len())
+        .sum();
+    (start.elapsed().as_secs_f64(), n)
 }
 
 /// Appends the snappy block-format body of its first argument to the second.
