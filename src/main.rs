@@ -77,6 +77,28 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Convert {
+    /// Write a ztail config from a Promtail config, with a report of what was not converted.
+    Promtail {
+        /// Promtail's config file.
+        #[arg(value_name = "CONFIG.yaml")]
+        config: PathBuf,
+        /// Where to write the ztail config (default: stdout).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Also write the report as JSON.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// ztail's `state_dir`.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/ztail")]
+        state_dir: String,
+        /// Loki's SPIFFE ID (`sink.peer.allowed_ids`); without it the config refuses every Loki
+        /// until you set one.
+        #[arg(long, value_name = "SPIFFE_ID")]
+        peer_id: Option<String>,
+        /// Expand ${VAR} references first, as Promtail's -config.expand-env=true does.
+        #[arg(long)]
+        expand_env: bool,
+    },
     /// Write ztail checkpoints from Promtail's positions file, so that ztail starts where
     /// Promtail stopped. Run it with both stopped, before ztail's first start.
     PromtailPositions {
@@ -107,6 +129,23 @@ fn main() -> ExitCode {
             check(&path)
         }
         Command::Run { config } => run(&config),
+        Command::Convert(Convert::Promtail {
+            config,
+            output,
+            report,
+            state_dir,
+            peer_id,
+            expand_env,
+        }) => convert_promtail(
+            &config,
+            output.as_deref(),
+            report.as_deref(),
+            ztail::convert::promtail::Options {
+                state_dir,
+                peer_id,
+                expand_env,
+            },
+        ),
         Command::Convert(Convert::PromtailPositions {
             positions,
             state_dir,
@@ -139,6 +178,67 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn convert_promtail(
+    config: &std::path::Path,
+    output: Option<&std::path::Path>,
+    report_path: Option<&std::path::Path>,
+    opts: ztail::convert::promtail::Options,
+) -> ExitCode {
+    let text = match std::fs::read_to_string(config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ztail: cannot read {}: {e}", config.display());
+            return ExitCode::from(2);
+        }
+    };
+    let out = output.unwrap_or(std::path::Path::new("ztail.toml"));
+    let write_report = |report: &ztail::convert::promtail::Report| {
+        for line in report.lines() {
+            eprintln!("{line}");
+        }
+        let Some(path) = report_path else {
+            return true;
+        };
+        // Serializing strings cannot fail.
+        let json = serde_json::to_string_pretty(report).unwrap_or_default();
+        std::fs::write(path, json + "\n")
+            .map_err(|e| eprintln!("ztail: cannot write the report {}: {e}", path.display()))
+            .is_ok()
+    };
+    let conv =
+        match ztail::convert::promtail::convert(&config.display().to_string(), &text, out, &opts) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(report) = &e.report {
+                    write_report(report);
+                }
+                eprintln!("ztail: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    if !write_report(&conv.report) {
+        return ExitCode::FAILURE;
+    }
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &conv.toml) {
+                eprintln!("ztail: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "wrote {} ({} not converted, {} changed, {} to do); check it with `ztail check {}`",
+                path.display(),
+                conv.report.not_converted.len(),
+                conv.report.changed.len(),
+                conv.report.to_do.len(),
+                path.display()
+            );
+        }
+        None => print!("{}", conv.toml),
+    }
+    ExitCode::SUCCESS
 }
 
 fn convert_positions(

@@ -1,3 +1,4 @@
 //! `ztail convert`: taking over from another shipper.
 
 pub mod positions;
+pub mod promtail;

@@ -41,7 +41,7 @@ pub struct Imported {
 
 #[derive(Debug, Serialize)]
 pub struct NotImported {
-    /// The key in `positions.yaml`: a path, or a journal's `journal-<job>`.
+    /// The key in `positions.yaml`: a path, or a cursor's `cursor-<job>` (`journal-<job>` before).
     pub key: String,
     pub reason: String,
 }
@@ -151,8 +151,12 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
 
 /// The checkpoint of one position, or why it cannot be taken over.
 fn take_over(key: &str, offset: &Offset, written: SystemTime) -> Result<Entry, String> {
-    if key.starts_with("journal-") {
-        return Err("a journal cursor: ztail does not read the journal yet".into());
+    if key.starts_with("journal-") || key.starts_with("cursor-") {
+        return Err(
+            "a cursor (a journal's, a Docker container's or Cloudflare's): ztail takes over file \
+             positions only"
+                .into(),
+        );
     }
     let path = Path::new(key);
     if !path.is_absolute() {

@@ -24,7 +24,7 @@
 pub mod config;
 pub mod parse;
 pub mod redact;
-mod template;
+pub mod template;
 
 pub mod dry_run;
 

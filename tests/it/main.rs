@@ -7,6 +7,7 @@ mod support;
 
 mod check;
 mod convert;
+mod convert_promtail;
 mod delivery;
 mod demo;
 mod deploy;

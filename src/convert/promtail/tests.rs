@@ -1,0 +1,246 @@
+use std::path::Path;
+
+use super::*;
+
+fn conv(yaml: &str) -> Conversion {
+    convert(
+        "promtail.yaml",
+        yaml,
+        Path::new("ztail.toml"),
+        &Options::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+const CLIENT: &str = "clients:\n  - url: http://loki:3100/loki/api/v1/push\n";
+
+#[test]
+fn a_static_job_becomes_a_source_that_passes_check() {
+    let c = conv(&format!(
+        "{CLIENT}scrape_configs:\n  - job_name: system\n    static_configs:\n      - targets: [localhost]\n        labels:\n          job: varlogs\n          __path__: /var/log/{{a,b}}/*.log\n"
+    ));
+    let cfg = crate::config::Config::parse(Path::new("ztail.toml"), &c.toml).unwrap();
+    assert_eq!(cfg.sources.len(), 1);
+    assert_eq!(
+        cfg.sources[0].include,
+        ["/var/log/a/*.log", "/var/log/b/*.log"]
+    );
+    assert!(
+        c.toml
+            .contains("# promtail: scrape_configs[0].static_configs[0] (job_name: system)"),
+        "{}",
+        c.toml
+    );
+    assert_eq!(cfg.sink.url.as_str(), "https://loki:3100/loki/api/v1/push");
+    assert!(
+        c.report
+            .not_converted
+            .iter()
+            .any(|n| n.path == "scrape_configs[0].static_configs[0].targets")
+    );
+    assert!(
+        c.report
+            .to_do
+            .iter()
+            .any(|n| n.reason.contains("allowed_ids"))
+    );
+}
+
+#[test]
+fn yaml_errors_unknown_stages_and_wrong_types_name_path_and_line() {
+    for (yaml, path, line) in [
+        (
+            format!(
+                "{CLIENT}scrape_configs:\n  - job_name: a\n    pipeline_stages:\n      - regexp:\n          expression: x\n"
+            ),
+            "scrape_configs[0].pipeline_stages[0]",
+            6,
+        ),
+        (
+            format!(
+                "{CLIENT}scrape_configs:\n  - job_name: a\n    pipeline_stages:\n      - json:\n          expressions: [a, b]\n"
+            ),
+            "scrape_configs[0].pipeline_stages[0].json.expressions",
+            7,
+        ),
+        (
+            format!("{CLIENT}scrape_configs:\n  - job_name: a\n     bad: [\n"),
+            "",
+            5,
+        ),
+    ] {
+        let e = convert("p.yaml", &yaml, Path::new("z.toml"), &Options::default()).unwrap_err();
+        assert!(e.path.starts_with(path), "{e} / {path}");
+        assert_eq!(e.line, Some(line), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!("p.yaml:{line}: ")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn promtail_replace_rewrites_groups_only() {
+    let (e, r) = stages::test_replace(r"password=(\S+)", "****").unwrap();
+    let re = regex::Regex::new(&e).unwrap();
+    assert_eq!(
+        re.replace_all("a password=hunter2 b password=x", r.as_str()),
+        "a password=**** b password=****"
+    );
+    let (e, r) = stages::test_replace(r"(?i)user (?P<u>\w+) ip ([0-9.]+)!", "$x").unwrap();
+    let re = regex::Regex::new(&e).unwrap();
+    assert_eq!(
+        re.replace_all("USER bob ip 1.2.3.4!", r.as_str()),
+        "USER $x ip $x!"
+    );
+    assert!(stages::test_replace("a|(b)", "x").is_err());
+    assert!(stages::test_replace("((a)b)", "x").is_err());
+    assert!(stages::test_replace("ab", "x").is_err());
+    let (e, _) = stages::test_replace(r"[(]x(\d)[)]", "N").unwrap();
+    assert_eq!(
+        regex::Regex::new(&e)
+            .unwrap()
+            .replace_all("(x1)", "${1}N${2}"),
+        "(xN)"
+    );
+}
+
+#[test]
+fn selectors_parse() {
+    assert_eq!(
+        stages::test_selector(r#"{app="a", env=~"p.*"} |= "x" !~ `y`"#),
+        Ok(4)
+    );
+    assert!(stages::test_selector(r#"{app="a""#).is_err());
+    assert!(stages::test_selector(r#"app="a""#).is_err());
+}
+
+#[test]
+fn env_expands_as_promtail_does() {
+    let mut r = Report::default();
+    let get = |n: &str| match n {
+        "HOST" => Some("h1".to_owned()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    };
+    let out = env::expand_with(
+        r"a ${HOST} $HOST ${NOPE:-d} ${EMPTY:-e} ${EMPTY=f} ${NOPE:+g} ${NOPE} $$HOST $${HOST} x$ $1 \\d \/ \w",
+        &mut r,
+        get,
+    )
+    .ok()
+    .unwrap();
+    assert_eq!(out, r"a h1 $HOST d e f g  $HOST ${HOST} x$ $1 \d / \w");
+    assert_eq!(r.changed.len(), 1, "{r:?}");
+    for (bad, line) in [
+        ("a\n${HOST-d}", 2),
+        ("${HOST", 1),
+        ("${1}", 1),
+        ("${#HOST}", 1),
+    ] {
+        let e = env::expand_with(bad, &mut r, get).err().unwrap();
+        assert_eq!(e.line, line, "{bad}: {}", e.reason);
+    }
+}
+
+/// The pod job in the shape of Grafana's Helm chart (written here from its structure): pod
+/// metadata becomes [kubernetes.labels], the path labels stay, and what ztail cannot express
+/// (a label joined from two, labelmap) is reported.
+#[test]
+fn the_helm_charts_pod_job_becomes_a_kubernetes_source() {
+    let c = conv(&format!(
+        r#"{CLIENT}scrape_configs:
+  - job_name: kubernetes-pods
+    pipeline_stages:
+      - cri: {{}}
+      - labeldrop: [stream]
+    kubernetes_sd_configs:
+      - role: pod
+        namespaces:
+          names: [shop, web]
+    relabel_configs:
+      - source_labels: [__meta_kubernetes_pod_controller_name]
+        regex: ([0-9a-z-.]+?)(-[0-9a-f]{{8,10}})?
+        action: replace
+        target_label: __tmp_controller_name
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_name, __meta_kubernetes_pod_label_app, __tmp_controller_name, __meta_kubernetes_pod_name]
+        regex: ^;*([^;]+)(;.*)?$
+        action: replace
+        target_label: app
+      - source_labels: [__meta_kubernetes_pod_label_team_x]
+        target_label: team
+      - action: replace
+        source_labels: [__meta_kubernetes_pod_node_name]
+        target_label: node_name
+      - action: replace
+        source_labels: [__meta_kubernetes_namespace]
+        target_label: namespace
+      - action: replace
+        replacement: $1
+        separator: /
+        source_labels: [namespace, app]
+        target_label: job
+      - action: replace
+        source_labels: [__meta_kubernetes_pod_container_name]
+        target_label: container
+      - action: drop
+        regex: kube-system
+        source_labels: [namespace]
+      - action: replace
+        replacement: /var/log/pods/*$1/*.log
+        separator: /
+        source_labels: [__meta_kubernetes_pod_uid, __meta_kubernetes_pod_container_name]
+        target_label: __path__
+      - action: labelmap
+        regex: __meta_kubernetes_pod_label_(.+)
+"#
+    ));
+    let cfg = crate::config::Config::parse(Path::new("ztail.toml"), &c.toml).expect(&c.toml);
+    let k = cfg.kubernetes.as_ref().expect("a [kubernetes] table");
+    let labels: Vec<(String, String)> = k
+        .labels
+        .iter()
+        .map(|(n, f)| (n.clone(), format!("{f:?}")))
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            (
+                "app".to_owned(),
+                r#"PodLabel("app.kubernetes.io/name")"#.to_owned()
+            ),
+            ("node_name".to_owned(), "Node".to_owned()),
+            ("team".to_owned(), r#"PodLabel("team_x")"#.to_owned()),
+        ],
+        "{}",
+        c.toml
+    );
+    let src = &cfg.sources[0];
+    assert_eq!(src.include, ["/var/log/pods/*/*/*.log"]);
+    assert!(c.toml.contains("stream_as = \"drop\""), "{}", c.toml);
+    assert!(c.toml.contains("value = \"^(?:shop|web)$\""), "{}", c.toml);
+    assert!(
+        c.toml.contains("value = \"^(?:kube-system)$\""),
+        "{}",
+        c.toml
+    );
+    let paths = |notes: &[Note]| notes.iter().map(|n| n.path.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        paths(&c.report.not_converted),
+        [
+            "scrape_configs[0].relabel_configs[5]",
+            "scrape_configs[0].relabel_configs[9]"
+        ],
+        "{:?}",
+        c.report
+    );
+    // The fallback chain, the guessed key and the namespace filter are called out.
+    let changed = paths(&c.report.changed);
+    for p in [
+        "scrape_configs[0].relabel_configs[1]",
+        "scrape_configs[0].relabel_configs[2]",
+        "scrape_configs[0].kubernetes_sd_configs[0].namespaces",
+    ] {
+        assert!(changed.iter().any(|c| c == p), "{p}: {changed:?}");
+    }
+}
