@@ -13,13 +13,13 @@ pub(super) struct EnvError {
 }
 
 pub(super) fn expand(text: &str, report: &mut Report) -> Result<String, EnvError> {
-    expand_with(text, report, |name| std::env::var(name).ok())
+    expand_with(text, report, &|name: &str| std::env::var(name).ok())
 }
 
 pub(super) fn expand_with(
     text: &str,
     report: &mut Report,
-    get: impl Fn(&str) -> Option<String>,
+    get: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, EnvError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -41,15 +41,35 @@ pub(super) fn expand_with(
                 line: line(at),
                 reason: reason.to_owned(),
             };
-            let end = body
-                .find('}')
-                .ok_or_else(|| err("`${` without a closing brace"))?;
+            // The closing brace of this reference: a default may hold references itself.
+            let mut depth = 1;
+            let mut end = None;
+            let mut i = 0;
+            while i < body.len() {
+                if body[i..].starts_with("${") {
+                    depth += 1;
+                    if depth > 16 {
+                        return Err(err("references nested more than 16 deep"));
+                    }
+                    i += 2;
+                    continue;
+                }
+                if body.as_bytes()[i] == b'}' {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = Some(i);
+                        break;
+                    }
+                }
+                i += 1;
+            }
+            let end = end.ok_or_else(|| err("`${` without a closing brace"))?;
             let inner = &body[..end];
             let name_end = inner
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .find([':', '=', '-', '?', '+', '#', '%', '/', '^', ','])
                 .unwrap_or(inner.len());
             let (name, op) = inner.split_at(name_end);
-            if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+            if name.is_empty() {
                 return Err(err(&format!("`${{{inner}}}` names no variable")));
             }
             let default = ["=", ":-", ":=", ":?", ":+"]
@@ -58,7 +78,10 @@ pub(super) fn expand_with(
             let value = get(name).filter(|v| !v.is_empty());
             let expanded = match (op, default, value) {
                 ("", _, Some(v)) | (_, Some(_), Some(v)) => v,
-                (_, Some(d), None) => d.to_owned(),
+                (_, Some(d), None) => expand_with(d, report, get).map_err(|e| EnvError {
+                    line: line(at) + e.line - 1,
+                    reason: e.reason,
+                })?,
                 ("", _, None) => {
                     report.changed(
                         format!("${{{name}}}"),

@@ -82,12 +82,7 @@ fn meta_field(label: &str) -> Option<(String, bool)> {
 /// Promtail's Helm chart picks the first non-empty of several labels with this regex.
 const FIRST_NON_EMPTY: &str = "^;*([^;]+)(;.*)?$";
 
-pub(super) fn source(
-    c: &mut Converter,
-    at: &str,
-    sc: &ScrapeConfig,
-    external: &[Item],
-) -> Option<Source> {
+pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<Source> {
     let mut pods = false;
     let mut filters = Vec::new();
     for (i, sd) in sc.kubernetes_sd_configs.iter().enumerate() {
@@ -243,7 +238,16 @@ pub(super) fn source(
                         }),
                     _ => None,
                 };
+                let empty = regex::Regex::new(&format!("^(?:{regex})$")).is_ok_and(|re| re.is_match(""));
                 match label {
+                    _ if empty => c.report.not_converted(
+                        rat,
+                        "the regex matches an empty value: Promtail tests a missing label as \"\", ztail's stages never match a missing label",
+                    ),
+                    Some(l) if action == "keep" && !PATH_LABELS.contains(&l.as_str()) => c.report.not_converted(
+                        rat,
+                        "keep by pod metadata: ztail's pod labels can arrive after a file's first lines, which a keep would drop for good; exclude the other pods with the ztail.io/exclude annotation",
+                    ),
                     Some(l) => {
                         let mut t = Table::new(format!("promtail: {rat}"));
                         t.set("type", action.as_str());
@@ -296,7 +300,6 @@ pub(super) fn source(
             .push(Item::new(target, value.as_str()).note(format!("promtail: {rat}")));
         known.insert(target.clone());
     }
-    s.labels.extend(external.iter().cloned());
     known.extend(s.labels.iter().map(|i| i.key.clone()));
 
     let k = c.doc.kubernetes.get_or_insert_with(|| Kubernetes {
@@ -322,14 +325,70 @@ pub(super) fn source(
             None => k.labels.push(Item::new(target, field.as_str()).note(origin)),
         }
     }
-    known.extend(PATH_LABELS.iter().map(|l| (*l).to_owned()));
+    // The kubelet path's labels this job's relabelling sets, and those its filters test.
+    let tests = |l: &str| {
+        filters.iter().any(|t| {
+            t.items
+                .iter()
+                .any(|i| i.key == "label" && i.value.as_str() == Some(l))
+        })
+    };
+    let mut path_set = Vec::new();
+    for l in PATH_LABELS {
+        let set = fields.get(l).is_some_and(|f| f == l);
+        if !set && tests(l) {
+            c.report.changed(
+                format!("{at}.relabel_configs"),
+                format!("ztail keeps the {l:?} label to filter on it (Promtail's relabelling filtered on it without keeping it)"),
+            );
+        }
+        if set || tests(l) {
+            path_set.push(l);
+        }
+    }
+    known.extend(path_set.iter().map(|l| (*l).to_owned()));
     s.stages.extend(filters);
     super::stages::pipeline(c, at, &sc.pipeline_stages, &mut s, known);
-    if !s.table.items.iter().any(|i| i.key == "format") {
+    if s.table.items.iter().any(|i| i.key == "format") {
+        if path_set.len() < PATH_LABELS.len() {
+            let group = |name: &str, pattern: &str| {
+                if path_set.contains(&name) {
+                    format!("(?P<{name}>{pattern})")
+                } else {
+                    pattern.to_owned()
+                }
+            };
+            let re = if path_set.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "^/var/log/pods/{}_{}_[^/]+/{}/",
+                    group("namespace", "[^/_]+"),
+                    group("pod", "[^/_]+"),
+                    group("container", "[^/]+")
+                )
+            };
+            s.table.set("path_labels", re).note =
+                Some("only the path labels the relabelling set".into());
+        }
+    } else {
         c.report.changed(
             format!("{at}.pipeline_stages"),
             "no cri or docker stage: lines are shipped as the runtime wrote them, and ztail adds pod metadata only to cri and docker sources",
         );
+        // A raw source has no path labels to filter on.
+        let before = s.stages.len();
+        s.stages.retain(|t| {
+            !t.items.iter().any(|i| {
+                i.key == "label" && i.value.as_str().is_some_and(|l| PATH_LABELS.contains(&l))
+            })
+        });
+        if s.stages.len() != before {
+            c.report.not_converted(
+                format!("{at}.relabel_configs"),
+                "filters on namespace, pod or container: a source without cri or docker has no such labels",
+            );
+        }
     }
     Some(s)
 }

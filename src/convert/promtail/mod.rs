@@ -404,11 +404,13 @@ impl Converter<'_> {
         let mut sources = Vec::new();
         for (j, sc) in p.scrape_configs.iter().enumerate() {
             let at = format!("scrape_configs[{j}]");
-            sources.extend(self.scrape(&at, sc, &external));
+            sources.extend(self.scrape(&at, sc));
         }
         if let Some(limits) = &p.limits_config {
             self.limits(limits, &mut sources);
         }
+        self.external_labels(&external, &mut sources);
+        self.kubernetes_differences(&sources);
         if sources.is_empty() {
             return Err(
                 "no scrape config could be converted, so the ztail config would ship nothing (see the report)"
@@ -435,7 +437,7 @@ impl Converter<'_> {
             None => c.url.clone(),
         };
         sink.set("url", url).note = Some(format!("promtail: {at}.url"));
-        if let Some(t) = &c.tenant_id {
+        if let Some(t) = c.tenant_id.as_ref().filter(|t| !t.is_empty()) {
             sink.set("tenant", t.as_str()).note = Some(format!("promtail: {at}.tenant_id"));
         }
         if let Some(w) = &c.batchwait {
@@ -588,11 +590,64 @@ impl Converter<'_> {
         name
     }
 
-    fn scrape(&mut self, at: &str, sc: &ScrapeConfig, external: &[Item]) -> Vec<Source> {
+    /// Promtail adds `external_labels` after the pipeline, and an entry's own label of the same
+    /// name wins: static labels keep theirs; a label a stage sets is the stage's.
+    fn external_labels(&mut self, external: &[Item], sources: &mut [Source]) {
+        for s in sources.iter_mut() {
+            for item in external {
+                if s.labels.iter().any(|l| l.key == item.key) {
+                    continue;
+                }
+                let by_stage = s.stages.iter().any(|t| {
+                    t.items.first().and_then(|i| i.value.as_str()) == Some("labels")
+                        && t.items.iter().any(|i| {
+                            i.key == "set"
+                                && i.value
+                                    .as_table()
+                                    .is_some_and(|m| m.contains_key(&item.key))
+                        })
+                });
+                if by_stage {
+                    let path = item.note.clone().unwrap_or_default();
+                    self.report.changed(
+                        path.trim_start_matches("promtail: "),
+                        "a labels stage sets the same label: its entries get the stage's value, or none where the field is missing (Promtail fell back to the external label)",
+                    );
+                    continue;
+                }
+                s.labels.push(item.clone());
+            }
+        }
+    }
+
+    /// ztail's `[kubernetes.labels]` apply to every pod source: say so where jobs differ.
+    fn kubernetes_differences(&mut self, sources: &[Source]) {
+        let Some(k) = &self.doc.kubernetes else {
+            return;
+        };
+        let pods = sources
+            .iter()
+            .filter(|s| s.table.origin.contains("kubernetes pods"))
+            .count();
+        let per_job: Vec<&str> = k
+            .labels
+            .iter()
+            .filter_map(|i| i.note.as_deref())
+            .map(|n| n.split(".relabel_configs").next().unwrap_or(n))
+            .collect();
+        if pods > 1 && per_job.windows(2).any(|w| w[0] != w[1]) {
+            self.report.changed(
+                "scrape_configs",
+                "ztail's [kubernetes.labels] apply to every pod source: a label one job's relabelling set is now on every job's entries",
+            );
+        }
+    }
+
+    fn scrape(&mut self, at: &str, sc: &ScrapeConfig) -> Vec<Source> {
         self.report.rest(at, &sc.rest, scrape_reason);
         let mut sources = Vec::new();
         if !sc.kubernetes_sd_configs.is_empty() {
-            if let Some(s) = kube::source(self, at, sc, external) {
+            if let Some(s) = kube::source(self, at, sc) {
                 sources.push(s);
             }
         } else if !sc.relabel_configs.is_empty() {
@@ -630,18 +685,18 @@ impl Converter<'_> {
                 Some("Promtail reads a file it has no position for from its start".into());
             for (k, v) in &st.labels {
                 if k.starts_with("__") {
-                    if k != "__path__" && k != "__path_exclude__" {
-                        self.report.not_converted(
-                            format!("{sat}.labels.{k}"),
-                            "labels starting with __ are Promtail's own and are not shipped",
-                        );
-                    }
+                    let reason = match k.as_str() {
+                        "__path__" | "__path_exclude__" => continue,
+                        "__host__" => "ztail reads the files of the host it runs on",
+                        _ => "labels starting with __ are Promtail's own and are not shipped",
+                    };
+                    self.report
+                        .not_converted(format!("{sat}.labels.{k}"), reason);
                     continue;
                 }
                 s.labels
                     .push(Item::new(k, v.as_str()).note(format!("promtail: {sat}.labels.{k}")));
             }
-            s.labels.extend(external.iter().cloned());
             let known: BTreeSet<String> = s
                 .labels
                 .iter()
@@ -649,6 +704,12 @@ impl Converter<'_> {
                 .chain(["filename".to_owned()])
                 .collect();
             stages::pipeline(self, at, &sc.pipeline_stages, &mut s, known);
+            if s.table.items.iter().any(|i| i.key == "format") {
+                // Promtail's static jobs get no labels from the kubelet's path or the pod.
+                s.table.set("path_labels", "").note =
+                    Some("Promtail's static jobs take no labels from the path".into());
+                s.table.set("kubernetes", false);
+            }
             sources.push(s);
         }
         if sc.static_configs.is_empty() && sc.kubernetes_sd_configs.is_empty() && sc.rest.is_empty()
@@ -674,10 +735,7 @@ impl Converter<'_> {
             let rate = l.readline_rate.unwrap_or(10_000.0);
             let burst = l.readline_burst.unwrap_or(10_000.0);
             let drop = l.readline_rate_drop.unwrap_or(true);
-            self.report.changed(
-                "limits_config.readline_rate",
-                "became a `limit` stage on every source: ztail limits each stream, Promtail limited the whole agent",
-            );
+            let mut applied = false;
             for s in sources.iter_mut() {
                 let has_limit = s
                     .stages
@@ -703,6 +761,13 @@ impl Converter<'_> {
                 t.set("burst_lines", burst);
                 t.set("action", if drop { "drop" } else { "hold" });
                 s.stages.push(t);
+                applied = true;
+            }
+            if applied {
+                self.report.changed(
+                    "limits_config.readline_rate",
+                    "became a `limit` stage on every source: ztail limits each stream, Promtail limited the whole agent",
+                );
             }
         }
         if let Some(size) = &l.max_line_size {
@@ -758,6 +823,18 @@ fn bytes(s: &Size) -> Option<u64> {
 /// A glob with `{a,b}` alternatives as the plain globs it stands for (ztail's globs have no
 /// braces).
 fn braces(glob: &str) -> Vec<String> {
+    let mut out = expand_braces(glob);
+    // An absurd number of alternatives is kept as written (and matches nothing).
+    if out.len() > 256 {
+        out = vec![glob.to_owned()];
+    }
+    out
+}
+
+fn expand_braces(glob: &str) -> Vec<String> {
+    if glob.matches('{').count() > 16 {
+        return vec![glob.to_owned()];
+    }
     let Some(open) = glob.find('{') else {
         return vec![glob.to_owned()];
     };
@@ -788,7 +865,7 @@ fn braces(glob: &str) -> Vec<String> {
     let mut out = Vec::new();
     for w in cuts.windows(2) {
         let alt = &glob[w[0] + 1..w[1]];
-        out.extend(braces(&format!("{head}{alt}{tail}")));
+        out.extend(expand_braces(&format!("{head}{alt}{tail}")));
     }
     out
 }

@@ -241,6 +241,8 @@ pub struct Timestamp {
     pub format: String,
     #[serde(default)]
     pub fallback_formats: Vec<String>,
+    /// Applies only to formats without a zone, none of which convert.
+    #[allow(dead_code)]
     pub location: Option<String>,
     pub action_on_failure: Option<String>,
     #[serde(flatten)]
@@ -296,6 +298,8 @@ pub enum OneOrMany {
 #[derive(Deserialize)]
 pub struct Drop {
     pub source: Option<OneOrMany>,
+    /// Joins several sources, which are not converted.
+    #[allow(dead_code)]
     pub separator: Option<String>,
     pub expression: Option<String>,
     pub value: Option<String>,

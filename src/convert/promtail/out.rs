@@ -161,8 +161,15 @@ impl Doc {
 
 fn comment(out: &mut String, text: &str) {
     for line in text.lines() {
-        let _ = writeln!(out, "# {line}");
+        let _ = writeln!(out, "# {}", printable(line));
     }
+}
+
+/// Text for a comment: TOML allows no control characters there.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() && c != '\t' { ' ' } else { c })
+        .collect()
 }
 
 fn table(out: &mut String, header: &str, t: &Table) {
@@ -187,7 +194,7 @@ fn items(out: &mut String, items: &[Item]) {
 fn render_item(out: &mut String, item: &Item) {
     let _ = write!(out, "{} = {}", key(&item.key), value(&item.value));
     if let Some(note) = &item.note {
-        let _ = write!(out, "  # {}", note.replace('\n', " "));
+        let _ = write!(out, "  # {}", printable(note));
     }
     out.push('\n');
 }
@@ -200,8 +207,26 @@ pub fn key(k: &str) -> String {
     {
         k.to_owned()
     } else {
-        Value::String(k.to_owned()).to_string()
+        basic(k)
     }
+}
+
+/// A TOML basic string on one line: control characters escaped.
+fn basic(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// A value on one line; inline tables with their keys quoted where needed.

@@ -32,6 +32,9 @@ struct Job<'c, 'a> {
     fields: BTreeMap<String, (String, Producer)>,
     /// Labels the source's entries carry at this point.
     labels: BTreeSet<String>,
+    /// The target's labels, which Promtail also puts in the extracted map (stage-made labels
+    /// are not there).
+    initial: BTreeSet<String>,
     /// `match` stages that only set a tenant for one label value: label → (value → tenant),
     /// the first one's index, and where in the source's stages it goes.
     tenants: Option<(String, BTreeMap<String, String>, usize, usize)>,
@@ -50,6 +53,7 @@ pub(super) fn pipeline(
         c,
         at: format!("{at}.pipeline_stages"),
         fields: BTreeMap::new(),
+        initial: labels.clone(),
         labels,
         tenants: None,
         written: 0,
@@ -70,6 +74,10 @@ pub(super) fn pipeline(
                 s.stages.push(t);
             }
             Ok(Converted::StageAndNext(mut t)) => {
+                // The template's field is the line now; a later stage reading it is not converted.
+                if let Stage::Template(tpl) = stage {
+                    job.fields.remove(&tpl.source);
+                }
                 t.origin = format!(
                     "promtail: {}[{i}] ({}) with [{}] ({})",
                     job.at,
@@ -192,11 +200,28 @@ impl Job<'_, '_> {
                 }
                 let mut t = Table::new(format!("promtail: {at}"));
                 t.set("start", m.firstline.as_str());
-                if let Some(d) = &m.max_wait_time {
-                    t.set("timeout", duration(d)?);
+                match &m.max_wait_time {
+                    Some(d) if humantime::parse_duration(&d.0).is_ok_and(|d| d.is_zero()) => {
+                        self.c.report.changed(
+                            format!("{at}.max_wait_time"),
+                            "0: ztail completes a group after 3s without a line",
+                        );
+                    }
+                    Some(d) => {
+                        t.set("timeout", duration(d)?);
+                    }
+                    None => {}
                 }
-                // Promtail's default is 128 lines, ztail's 500.
-                t.set("max_lines", m.max_lines.unwrap_or(128) as i64);
+                // Promtail's default is 128 lines, ztail's 500; 0 is no limit in Promtail.
+                match m.max_lines {
+                    Some(0) => self.c.report.changed(
+                        format!("{at}.max_lines"),
+                        "0 (no limit): ztail completes a group at 500 lines or 1MiB",
+                    ),
+                    n => {
+                        t.set("max_lines", n.unwrap_or(128) as i64);
+                    }
+                }
                 if self.written > 0 {
                     self.c.report.changed(
                         at,
@@ -306,6 +331,10 @@ impl Job<'_, '_> {
                 }
                 if is_labels {
                     self.labels.extend(set.keys().cloned());
+                    self.c.report.changed(
+                        at,
+                        "ztail keeps at most 100 values per label and source (later values go to structured metadata, counted): set max_values to change it",
+                    );
                 }
                 let mut t = ty(if is_labels { "labels" } else { "metadata" });
                 t.set("set", inline(set));
@@ -313,7 +342,10 @@ impl Job<'_, '_> {
             }
             Stage::StaticLabels(m) => {
                 for (k, v) in m.iter().flatten() {
-                    let Some(v) = v else { continue };
+                    // Promtail skips an empty value.
+                    let Some(v) = v.as_ref().filter(|v| !v.is_empty()) else {
+                        continue;
+                    };
                     s.labels.retain(|i| i.key != *k);
                     s.labels
                         .push(Item::new(k, v.as_str()).note(format!("promtail: {at}.{k}")));
@@ -457,6 +489,15 @@ impl Job<'_, '_> {
         let reason = match name {
             "filename" => "ztail labels every entry with its file (`filename`), as Promtail does unless told otherwise; it cannot be removed".to_owned(),
             "namespace" | "pod" | "container" if framed => "ztail's cri and docker sources take namespace, pod and container from the kubelet's path together; `path_labels = \"\"` on the source removes all three".to_owned(),
+            _ if self
+                .c
+                .doc
+                .kubernetes
+                .as_ref()
+                .is_some_and(|k| k.labels.iter().any(|i| i.key == name)) =>
+            {
+                format!("{name:?} is a [kubernetes.labels] label, which applies to every pod source: remove it there")
+            }
             _ => format!("ztail cannot remove the label {name:?}: no part of this config sets it"),
         };
         self.c.report.not_converted(format!("{at}.{name}"), reason);
@@ -496,6 +537,18 @@ impl Job<'_, '_> {
             .get(&ts.source)
             .cloned()
             .ok_or_else(|| self.no_field(&ts.source))?;
+        if matches!(producer, Producer::JsonKey(_) | Producer::LogfmtKey(_)) {
+            self.c.report.changed(
+                at,
+                "ztail reads the timestamp with a regex over the line: the first occurrence of the key, also inside a nested object or a quoted value",
+            );
+        }
+        if self.written > 0 {
+            self.c.report.changed(
+                at,
+                "ztail reads the timestamp before every stage, so a stage before it (a drop by older_than) sees it",
+            );
+        }
         let rfc = format == "rfc3339";
         let regex = match producer {
             Producer::Regex(expr) => rename_group(&expr, &ts.source)
@@ -521,26 +574,17 @@ impl Job<'_, '_> {
         let mut t = Table::new(format!("promtail: {at}"));
         t.set("regex", regex);
         t.set("format", format);
-        if let Some(loc) = &ts.location {
-            if loc == "UTC" || loc == "Etc/UTC" {
-                t.set("zone", "UTC");
-            } else {
-                self.c.report.changed(
-                    format!("{at}.location"),
-                    "ztail reads zones as UTC or ±hh:mm; timestamps without a zone are read as UTC",
-                );
-            }
-        }
+        // `location` does not apply: every format converted carries its zone or is Unix time.
         if !ts.fallback_formats.is_empty() {
             self.c.report.not_converted(
                 format!("{at}.fallback_formats"),
                 "ztail reads one format; entries whose timestamp does not parse get the time they are read",
             );
         }
-        if ts.action_on_failure.as_deref() == Some("skip") {
+        if ts.action_on_failure.as_deref() != Some("skip") {
             self.c.report.changed(
                 format!("{at}.action_on_failure"),
-                "an entry whose timestamp does not parse gets the time it is read",
+                "an entry whose timestamp does not parse gets the time it is read (Promtail's fudge gave the last good timestamp plus 1ns)",
             );
         }
         s.timestamp = Some(t);
@@ -549,15 +593,10 @@ impl Job<'_, '_> {
 
     fn drop(&mut self, at: &str, d: &model::Drop) -> Result<Converted, String> {
         unread(self.c, at, &d.rest);
-        if d.separator.is_some() {
-            self.c.report.not_converted(
-                format!("{at}.separator"),
-                "ztail tests one field per drop stage",
-            );
-        }
         let mut t = ty("drop");
         let source = match &d.source {
             None => None,
+            Some(model::OneOrMany::Many(v)) if v.is_empty() => None,
             Some(model::OneOrMany::One(s)) => Some(s.clone()),
             Some(model::OneOrMany::Many(v)) if v.len() == 1 => Some(v[0].clone()),
             Some(model::OneOrMany::Many(_)) => {
@@ -572,11 +611,23 @@ impl Job<'_, '_> {
             (None, Some(v)) => Some(format!("^{}$", regex::escape(v))),
             (None, None) => None,
         };
+        let empty = value
+            .as_ref()
+            .is_some_and(|v| regex::Regex::new(v).is_ok_and(|re| re.is_match("")));
+        if empty && source.is_some() {
+            return Err(
+                "the value matches an empty one: Promtail drops entries without the field, ztail never tests a missing field"
+                    .into(),
+            );
+        }
+        if d.value.is_some() && source.is_none() {
+            return Err("value without source (Promtail refuses it)".into());
+        }
         match (source, value) {
             (Some(src), value) => {
                 if let Some(f) = self.field(&src) {
                     t.set("field", f);
-                } else if self.labels.contains(&src) {
+                } else if self.initial.contains(&src) {
                     t.set("label", src);
                 } else {
                     return Err(self.no_field(&src));
@@ -653,7 +704,7 @@ impl Job<'_, '_> {
         if !m.stages.is_empty() {
             self.c.report.not_converted(
                 format!("{at}.stages"),
-                "nested stages of a match that drops never run",
+                "a match that drops has no stages (Promtail refuses the config)",
             );
         }
         let mut t = ty("drop");
@@ -663,8 +714,8 @@ impl Job<'_, '_> {
                     Op::Eq | Op::Ne => format!("^{}$", regex::escape(v)),
                     Op::Re | Op::Nre => format!("^(?:{v})$"),
                 };
-                if v.is_empty() && matches!(op, Op::Eq | Op::Ne) {
-                    return Err("a matcher on an empty value (a missing label)".into());
+                if regex::Regex::new(&re).is_ok_and(|r| r.is_match("")) {
+                    return Err("a matcher that matches an empty value: Promtail tests a missing label as \"\", ztail's stages never match a missing label".into());
                 }
                 if matches!(op, Op::Ne | Op::Nre) {
                     if !filters.is_empty() {
@@ -765,6 +816,9 @@ fn replace_groups(expr: &str, with: &str) -> Result<(String, String), String> {
                     .map(|(_, body)| body);
                 match named.or((!inner.starts_with('?')).then_some(inner)) {
                     Some(body) => {
+                        if rest[g.len()..].starts_with(['?', '*', '+', '{']) {
+                            return Err("a capture group with a quantifier".into());
+                        }
                         if groups(body).map_err(|e| e.to_string())? > 0 {
                             return Err("a capture group inside another group".into());
                         }

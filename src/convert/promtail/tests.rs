@@ -124,21 +124,24 @@ fn env_expands_as_promtail_does() {
         _ => None,
     };
     let out = env::expand_with(
-        r"a ${HOST} $HOST ${NOPE:-d} ${EMPTY:-e} ${EMPTY=f} ${NOPE:+g} ${NOPE} $$HOST $${HOST} x$ $1 \\d \/ \w",
+        r"a ${HOST} $HOST ${NOPE:-d} ${EMPTY:-e} ${EMPTY=f} ${NOPE:+g} ${NOPE} $$HOST $${HOST} x$ $1 \\d \/ \w ${NOPE:-http://${HOST}:1/p} ${HOST:-${NOPE}}",
         &mut r,
-        get,
+        &get,
     )
     .ok()
     .unwrap();
-    assert_eq!(out, r"a h1 $HOST d e f g  $HOST ${HOST} x$ $1 \d / \w");
+    assert_eq!(
+        out,
+        r"a h1 $HOST d e f g  $HOST ${HOST} x$ $1 \d / \w http://h1:1/p h1"
+    );
     assert_eq!(r.changed.len(), 1, "{r:?}");
     for (bad, line) in [
         ("a\n${HOST-d}", 2),
         ("${HOST", 1),
-        ("${1}", 1),
         ("${#HOST}", 1),
+        ("${A:-${B}", 1),
     ] {
-        let e = env::expand_with(bad, &mut r, get).err().unwrap();
+        let e = env::expand_with(bad, &mut r, &get).err().unwrap();
         assert_eq!(e.line, line, "{bad}: {}", e.reason);
     }
 }
@@ -243,4 +246,48 @@ fn the_helm_charts_pod_job_becomes_a_kubernetes_source() {
     ] {
         assert!(changed.iter().any(|c| c == p), "{p}: {changed:?}");
     }
+}
+
+/// Semantics the review found at risk: Promtail's external labels come after the pipeline (no
+/// stage sees or removes them), and a missing label is Promtail's "" but never matches in ztail.
+#[test]
+fn external_labels_and_missing_labels_keep_promtails_meaning() {
+    let c = conv(
+        r#"clients:
+  - url: https://loki/loki/api/v1/push
+    external_labels: {cluster: prod, job: ext}
+scrape_configs:
+  - job_name: app
+    static_configs:
+      - labels: {job: app, __path__: /var/log/app.log}
+    pipeline_stages:
+      - labelallow: [job, filename]
+      - match:
+          selector: '{app=~"web|"}'
+          action: drop
+      - json:
+          expressions: {level: ""}
+      - drop:
+          source: level
+          value: ""
+"#,
+    );
+    let cfg = crate::config::Config::parse(Path::new("ztail.toml"), &c.toml).expect(&c.toml);
+    let labels: Vec<(&str, &str)> = cfg.sources[0].labels.iter().collect();
+    assert_eq!(labels, [("cluster", "prod"), ("job", "app")], "{}", c.toml);
+    let not: Vec<&str> = c
+        .report
+        .not_converted
+        .iter()
+        .map(|n| n.path.as_str())
+        .collect();
+    assert_eq!(
+        not,
+        [
+            "scrape_configs[0].pipeline_stages[1].match",
+            "scrape_configs[0].pipeline_stages[3].drop"
+        ],
+        "{:?}",
+        c.report
+    );
 }
