@@ -126,8 +126,9 @@ fn config(all: bool) -> KubernetesConfig {
         token_file: "/dev/null".into(),
         ca_file: "/dev/null".into(),
         wait: Duration::from_secs(5),
-        labels,
-        metadata,
+        // One field each: the first with a value wins, and there is one.
+        labels: labels.into_iter().map(|(n, f)| (n, vec![f])).collect(),
+        metadata: metadata.into_iter().map(|(n, f)| (n, vec![f])).collect(),
         annotation_prefix: "ztail.io/".into(),
         tenants: vec![],
         annotation_labels: vec![],

@@ -24,10 +24,10 @@ pub struct KubernetesConfig {
     pub ca_file: PathBuf,
     /// How long a new file waits for its pod before it ships with its path's labels.
     pub wait: Duration,
-    /// Stream labels: (label name, what it is).
-    pub labels: Vec<(String, Field)>,
-    /// Structured metadata of every entry: (name, what it is).
-    pub metadata: Vec<(String, Field)>,
+    /// Stream labels: (label name, what it is: the first of these pieces that has a value).
+    pub labels: Vec<(String, Vec<Field>)>,
+    /// Structured metadata of every entry: (name, the first of these that has a value).
+    pub metadata: Vec<(String, Vec<Field>)>,
     /// Prefix of the per-pod control annotations, with its slash (`ztail.io/`).
     pub annotation_prefix: String,
     /// Tenants a pod's `tenant` annotation may choose.
@@ -100,9 +100,9 @@ pub(crate) struct RawKubernetes {
     #[serde(default = "default_wait", with = "humantime_serde")]
     wait: Duration,
     #[serde(default)]
-    labels: BTreeMap<String, String>,
+    labels: BTreeMap<String, Spec>,
     #[serde(default)]
-    metadata: BTreeMap<String, String>,
+    metadata: BTreeMap<String, Spec>,
     #[serde(default = "default_prefix")]
     annotation_prefix: String,
     #[serde(default)]
@@ -111,6 +111,15 @@ pub(crate) struct RawKubernetes {
     annotation_labels: Vec<String>,
     #[serde(default = "default_max_pods")]
     max_pods: usize,
+}
+
+/// One piece of pod metadata, or a list whose first piece with a value is taken
+/// (`["pod_label:app.kubernetes.io/name", "pod_label:app", "workload"]`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Spec {
+    One(String),
+    FirstOf(Vec<String>),
 }
 
 fn default_wait() -> Duration {
@@ -168,13 +177,26 @@ impl KubernetesConfig {
         };
         let sa = PathBuf::from(SERVICE_ACCOUNT_DIR);
         let mut taken: Vec<&str> = Vec::new();
-        let fields = |table: &str, raw: BTreeMap<String, String>| {
+        let fields = |table: &str, raw: BTreeMap<String, Spec>| {
             let mut out = Vec::with_capacity(raw.len());
             for (name, spec) in raw {
                 let k = format!("kubernetes.{table}.{name}");
                 labels::validate_name(&name).map_err(|r| v.err(&k, r))?;
-                let field = Field::parse(&spec).map_err(|r| v.err(&k, r))?;
-                out.push((name, field));
+                let specs = match spec {
+                    Spec::One(s) => vec![s],
+                    Spec::FirstOf(list) if list.is_empty() || list.len() > 8 => {
+                        return Err(v.err(
+                            &k,
+                            "a list takes 1 to 8 fields, the first with a value wins",
+                        ));
+                    }
+                    Spec::FirstOf(list) => list,
+                };
+                let mut first_of = Vec::with_capacity(specs.len());
+                for spec in specs {
+                    first_of.push(Field::parse(&spec).map_err(|r| v.err(&k, r))?);
+                }
+                out.push((name, first_of));
             }
             Ok::<_, ConfigError>(out)
         };

@@ -162,7 +162,7 @@ impl Metadata {
         let mut pod_labels = HashSet::new();
         let mut pod_annotations = HashSet::new();
         let mut namespace_labels = HashSet::new();
-        for (_, f) in cfg.labels.iter().chain(&cfg.metadata) {
+        for f in cfg.labels.iter().chain(&cfg.metadata).flat_map(|(_, f)| f) {
             match f {
                 Field::PodLabel(k) => pod_labels.insert(k.clone()),
                 Field::PodAnnotation(k) => pod_annotations.insert(k.clone()),
@@ -272,13 +272,19 @@ impl Metadata {
                 Field::NamespaceLabel(k) => ns?.get(k)?.clone(),
             })
         };
-        for (name, f) in &self.cfg.labels {
-            if let Some(val) = value(f).filter(|s| labels::validate_value(s).is_ok()) {
+        for (name, first_of) in &self.cfg.labels {
+            let val = first_of
+                .iter()
+                .find_map(|f| value(f).filter(|s| labels::validate_value(s).is_ok()));
+            if let Some(val) = val {
                 v.labels.push((name.clone(), val));
             }
         }
-        for (name, f) in &self.cfg.metadata {
-            if let Some(val) = value(f).filter(|s| !s.is_empty()) {
+        for (name, first_of) in &self.cfg.metadata {
+            if let Some(val) = first_of
+                .iter()
+                .find_map(|f| value(f).filter(|s| !s.is_empty()))
+            {
                 v.metadata.push((name.clone(), val));
             }
         }
@@ -678,10 +684,17 @@ mod tests {
             ca_file: "/dev/null".into(),
             wait: Duration::from_secs(5),
             labels: vec![
-                ("app".into(), Field::PodLabel("app".into())),
-                ("team".into(), Field::NamespaceLabel("team".into())),
+                (
+                    "app".into(),
+                    vec![
+                        Field::PodLabel("app.kubernetes.io/name".into()),
+                        Field::PodLabel("app".into()),
+                        Field::Workload,
+                    ],
+                ),
+                ("team".into(), vec![Field::NamespaceLabel("team".into())]),
             ],
-            metadata: vec![("image".into(), Field::ContainerImage)],
+            metadata: vec![("image".into(), vec![Field::ContainerImage])],
             annotation_prefix: "ztail.io/".into(),
             tenants: vec!["team-a".into()],
             annotation_labels: vec![],
@@ -725,6 +738,34 @@ mod tests {
         assert_eq!(m.view("u1", "app", &[]).unwrap().labels, v.labels);
         m.sweep();
         assert!(m.view("u1", "app", &[]).is_some(), "kept for DELETED_KEEP");
+    }
+
+    #[test]
+    fn a_label_takes_the_first_field_with_a_value() {
+        let m = metadata();
+        let app = |uid: &str, labels: serde_json::Value| {
+            m.apply_pod(
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "web-7d4b9c-x2x", "namespace": "shop", "uid": uid,
+                        "labels": labels,
+                        "ownerReferences": [{"kind": "ReplicaSet", "name": "web-7d4b9c",
+                            "controller": true, "apiVersion": "apps/v1", "uid": "r"}]},
+                    "spec": {"containers": [{"name": "app", "image": "img:1"}]}
+                }))
+                .unwrap(),
+            );
+            let v = m.view(uid, "app", &[]).unwrap();
+            v.labels
+                .iter()
+                .find(|(n, _)| n == "app")
+                .map(|(_, v)| v.clone())
+        };
+        let both = serde_json::json!({"app.kubernetes.io/name": "shop", "app": "old"});
+        assert_eq!(app("u1", both).as_deref(), Some("shop"));
+        let empty_first = serde_json::json!({"app.kubernetes.io/name": "", "app": "old"});
+        assert_eq!(app("u2", empty_first).as_deref(), Some("old"));
+        let none = serde_json::json!({"pod-template-hash": "7d4b9c"});
+        assert_eq!(app("u3", none).as_deref(), Some("web"), "the Deployment");
     }
 
     #[test]

@@ -140,14 +140,18 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
     }
 
     // What each label the relabelling writes is: a metadata field, or a constant.
-    let mut fields: BTreeMap<String, String> = BTreeMap::new();
+    // A label's value is the first of these fields with one.
+    let mut fields: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut origins: BTreeMap<String, String> = BTreeMap::new();
     let mut constants: BTreeMap<String, (String, String)> = BTreeMap::new();
     // Notes on a field a temporary label holds, reported when a real label takes it.
     let mut notes: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    let resolve = |fields: &BTreeMap<String, String>, name: &str| -> Option<(String, bool)> {
-        meta_field(name).or_else(|| fields.get(name).map(|f| (f.clone(), false)))
-    };
+    let resolve =
+        |fields: &BTreeMap<String, Vec<String>>, name: &str| -> Option<(Vec<String>, bool)> {
+            meta_field(name)
+                .map(|(f, g)| (vec![f], g))
+                .or_else(|| fields.get(name).map(|f| (f.clone(), false)))
+        };
     for (i, r) in sc.relabel_configs.iter().enumerate() {
         let rat = format!("{at}.relabel_configs[{i}]");
         c.report.rest(&rat, &r.rest, |_| None);
@@ -169,7 +173,7 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
                 if target == "__path__" {
                     continue; // The source's include covers every pod's files.
                 }
-                let found: Option<(String, bool, Option<&str>)> = match r.source_labels.as_slice() {
+                let found: Option<(Vec<String>, bool, Option<String>)> = match r.source_labels.as_slice() {
                     [] if !replacement.contains('$') => {
                         if !target.starts_with("__") {
                             constants.insert(target.to_owned(), (replacement.to_owned(), rat.clone()));
@@ -184,18 +188,33 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
                         && plain_replacement =>
                     {
                         Some((
-                            "workload".to_owned(),
+                            vec!["workload".to_owned()],
                             false,
-                            Some("the controller's name without its hash suffix became ztail's workload: the Deployment of a ReplicaSet's pod, else the controller's name"),
+                            Some("the controller's name without its hash suffix became ztail's workload: the Deployment of a ReplicaSet's pod, else the controller's name".to_owned()),
                         ))
                     }
                     many if regex == FIRST_NON_EMPTY
                         && plain_replacement
                         && r.separator.as_deref().is_none_or(|s| s == ";") => {
-                        let first = many.iter().find_map(|n| resolve(&fields, n));
-                        first.map(|(f, g)| {
-                            (f, g, (many.len() > 1).then_some("ztail takes this one field; Promtail fell back to the next of source_labels when it was empty"))
-                        })
+                        // The first with a value: a list of fields, in order.
+                        let (mut list, mut guess, mut skipped) = (Vec::new(), false, Vec::new());
+                        for n in many {
+                            match resolve(&fields, n) {
+                                Some((f, g)) => {
+                                    guess |= g;
+                                    for x in f {
+                                        if !list.contains(&x) {
+                                            list.push(x);
+                                        }
+                                    }
+                                }
+                                None => skipped.push(n.as_str()),
+                            }
+                        }
+                        let change = (!skipped.is_empty()).then(|| {
+                            format!("{} has no ztail counterpart and is left out of the fallbacks", skipped.join(", "))
+                        });
+                        (!list.is_empty()).then_some((list, guess, change))
                     }
                     _ => None,
                 };
@@ -207,15 +226,18 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
                     continue;
                 };
                 // What changed is reported where a label gets the field, not for a temporary.
-                let mut why: Vec<(String, String)> = notes.get(&field).cloned().unwrap_or_default();
+                let mut why: Vec<(String, String)> =
+                    field.iter().flat_map(|f| notes.get(f).cloned().unwrap_or_default()).collect();
                 if let Some(w) = change {
-                    why.push((rat.clone(), w.to_owned()));
+                    why.push((rat.clone(), w));
                 }
                 if guess {
-                    why.push((rat.clone(), format!("{field}: the Kubernetes key is guessed from Promtail's label name (Promtail writes . / - as _); check it")));
+                    why.push((rat.clone(), format!("{}: a Kubernetes key is guessed from Promtail's label name (Promtail writes . / - as _); check it", field.join(", "))));
                 }
                 if target.starts_with("__") {
-                    notes.insert(field.clone(), why);
+                    for f in &field {
+                        notes.insert(f.clone(), why.clone());
+                    }
                 } else {
                     for (p, w) in why {
                         c.report.changed(p, w);
@@ -230,8 +252,9 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
                     [one] => resolve(&fields, one)
                         .and_then(|(f, _)| {
                             // The label a stage can test: a path label, or one written above.
-                            if PATH_LABELS.contains(&f.as_str()) && fields.get(&f).is_none_or(|x| *x == f) {
-                                Some(f)
+                            let path = f.first().filter(|p| f.len() == 1 && PATH_LABELS.contains(&p.as_str()));
+                            if let Some(p) = path.filter(|p| fields.get(*p).is_none_or(|x| *x == f)) {
+                                Some(p.clone())
                             } else {
                                 fields.iter().find(|(t, v)| **v == f && !t.starts_with("__")).map(|(t, _)| t.clone())
                             }
@@ -312,17 +335,21 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
             continue;
         }
         known.insert(target.clone());
-        if PATH_LABELS.contains(&target.as_str()) && target == field {
+        if PATH_LABELS.contains(&target.as_str()) && *field == [target.clone()] {
             continue; // Taken from the path by every cri/docker source.
         }
         let origin = format!("promtail: {}", origins[target]);
+        let value = match field.as_slice() {
+            [one] => toml::Value::String(one.clone()),
+            many => strings(many),
+        };
         match k.labels.iter().find(|i| i.key == *target) {
-            Some(existing) if existing.value.as_str() == Some(field) => {}
+            Some(existing) if existing.value == value => {}
             Some(_) => c.report.not_converted(
                 origins[target].clone(),
                 format!("another job gives {target:?} another meaning; ztail's Kubernetes labels are the same for every source"),
             ),
-            None => k.labels.push(Item::new(target, field.as_str()).note(origin)),
+            None => k.labels.push(Item::new(target, value).note(origin)),
         }
     }
     // The kubelet path's labels this job's relabelling sets, and those its filters test.
@@ -335,7 +362,7 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
     };
     let mut path_set = Vec::new();
     for l in PATH_LABELS {
-        let set = fields.get(l).is_some_and(|f| f == l);
+        let set = fields.get(l).is_some_and(|f| *f == [l.to_owned()]);
         if !set && tests(l) {
             c.report.changed(
                 format!("{at}.relabel_configs"),

@@ -210,10 +210,11 @@ fn the_helm_charts_pod_job_becomes_a_kubernetes_source() {
         [
             (
                 "app".to_owned(),
-                r#"PodLabel("app.kubernetes.io/name")"#.to_owned()
+                r#"[PodLabel("app.kubernetes.io/name"), PodLabel("app"), Workload, Pod]"#
+                    .to_owned()
             ),
-            ("node_name".to_owned(), "Node".to_owned()),
-            ("team".to_owned(), r#"PodLabel("team_x")"#.to_owned()),
+            ("node_name".to_owned(), "[Node]".to_owned()),
+            ("team".to_owned(), r#"[PodLabel("team_x")]"#.to_owned()),
         ],
         "{}",
         c.toml
@@ -237,10 +238,11 @@ fn the_helm_charts_pod_job_becomes_a_kubernetes_source() {
         "{:?}",
         c.report
     );
-    // The fallback chain, the guessed key and the namespace filter are called out.
+    // The workload for the controller's trimmed name, the guessed key and the namespace
+    // filter are called out; the fallback chain itself converts whole.
     let changed = paths(&c.report.changed);
     for p in [
-        "scrape_configs[0].relabel_configs[1]",
+        "scrape_configs[0].relabel_configs[0]",
         "scrape_configs[0].relabel_configs[2]",
         "scrape_configs[0].kubernetes_sd_configs[0].namespaces",
     ] {
