@@ -45,8 +45,9 @@ pub(super) fn expand_with(
             let mut depth = 1;
             let mut end = None;
             let mut i = 0;
-            while i < body.len() {
-                if body[i..].starts_with("${") {
+            let bytes = body.as_bytes();
+            while i < bytes.len() {
+                if bytes[i..].starts_with(b"${") {
                     depth += 1;
                     if depth > 16 {
                         return Err(err("references nested more than 16 deep"));
@@ -54,7 +55,7 @@ pub(super) fn expand_with(
                     i += 2;
                     continue;
                 }
-                if body.as_bytes()[i] == b'}' {
+                if bytes[i] == b'}' {
                     depth -= 1;
                     if depth == 0 {
                         end = Some(i);

@@ -140,6 +140,7 @@ fn env_expands_as_promtail_does() {
         ("${HOST", 1),
         ("${#HOST}", 1),
         ("${A:-${B}", 1),
+        ("${ڭ", 1),
     ] {
         let e = env::expand_with(bad, &mut r, &get).err().unwrap();
         assert_eq!(e.line, line, "{bad}: {}", e.reason);
