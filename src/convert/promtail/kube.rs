@@ -330,6 +330,7 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
             .into(),
         labels: Vec::new(),
     });
+    let mut pod_labels = BTreeSet::new();
     for (target, field) in &fields {
         if target.starts_with("__") {
             continue;
@@ -338,6 +339,7 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
         if PATH_LABELS.contains(&target.as_str()) && *field == [target.clone()] {
             continue; // Taken from the path by every cri/docker source.
         }
+        pod_labels.insert(target.clone());
         let origin = format!("promtail: {}", origins[target]);
         let value = match field.as_slice() {
             [one] => toml::Value::String(one.clone()),
@@ -352,13 +354,12 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
             None => k.labels.push(Item::new(target, value).note(origin)),
         }
     }
+    c.pod_labels.push(pod_labels);
     // The kubelet path's labels this job's relabelling sets, and those its filters test.
     let tests = |l: &str| {
-        filters.iter().any(|t| {
-            t.items
-                .iter()
-                .any(|i| i.key == "label" && i.value.as_str() == Some(l))
-        })
+        filters
+            .iter()
+            .any(|t| t.get("label").and_then(|v| v.as_str()) == Some(l))
     };
     let mut path_set = Vec::new();
     for l in PATH_LABELS {
@@ -376,7 +377,7 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
     known.extend(path_set.iter().map(|l| (*l).to_owned()));
     s.stages.extend(filters);
     super::stages::pipeline(c, at, &sc.pipeline_stages, &mut s, known);
-    if s.table.items.iter().any(|i| i.key == "format") {
+    if s.table.has("format") {
         if path_set.len() < PATH_LABELS.len() {
             let group = |name: &str, pattern: &str| {
                 if path_set.contains(&name) {
@@ -406,9 +407,9 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
         // A raw source has no path labels to filter on.
         let before = s.stages.len();
         s.stages.retain(|t| {
-            !t.items.iter().any(|i| {
-                i.key == "label" && i.value.as_str().is_some_and(|l| PATH_LABELS.contains(&l))
-            })
+            !t.get("label")
+                .and_then(|v| v.as_str())
+                .is_some_and(|l| PATH_LABELS.contains(&l))
         });
         if s.stages.len() != before {
             c.report.not_converted(

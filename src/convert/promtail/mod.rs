@@ -163,6 +163,7 @@ pub fn convert(
         opts,
         doc: Doc::default(),
         taken_names: BTreeSet::new(),
+        pod_labels: Vec::new(),
     }
     .run(file, promtail);
     let toml = doc
@@ -266,6 +267,8 @@ struct Converter<'a> {
     opts: &'a Options,
     doc: Doc,
     taken_names: BTreeSet<String>,
+    /// The `[kubernetes.labels]` names each pod job's relabelling set.
+    pod_labels: Vec<BTreeSet<String>>,
 }
 
 fn top_reason(key: &str) -> Option<&'static str> {
@@ -410,7 +413,7 @@ impl Converter<'_> {
             self.limits(limits, &mut sources);
         }
         self.external_labels(&external, &mut sources);
-        self.kubernetes_differences(&sources);
+        self.kubernetes_differences();
         if sources.is_empty() {
             return Err(
                 "no scrape config could be converted, so the ztail config would ship nothing (see the report)"
@@ -599,13 +602,10 @@ impl Converter<'_> {
                     continue;
                 }
                 let by_stage = s.stages.iter().any(|t| {
-                    t.items.first().and_then(|i| i.value.as_str()) == Some("labels")
-                        && t.items.iter().any(|i| {
-                            i.key == "set"
-                                && i.value
-                                    .as_table()
-                                    .is_some_and(|m| m.contains_key(&item.key))
-                        })
+                    t.kind() == Some("labels")
+                        && t.get("set")
+                            .and_then(|v| v.as_table())
+                            .is_some_and(|m| m.contains_key(&item.key))
                 });
                 if by_stage {
                     let path = item.note.clone().unwrap_or_default();
@@ -621,21 +621,8 @@ impl Converter<'_> {
     }
 
     /// ztail's `[kubernetes.labels]` apply to every pod source: say so where jobs differ.
-    fn kubernetes_differences(&mut self, sources: &[Source]) {
-        let Some(k) = &self.doc.kubernetes else {
-            return;
-        };
-        let pods = sources
-            .iter()
-            .filter(|s| s.table.origin.contains("kubernetes pods"))
-            .count();
-        let per_job: Vec<&str> = k
-            .labels
-            .iter()
-            .filter_map(|i| i.note.as_deref())
-            .map(|n| n.split(".relabel_configs").next().unwrap_or(n))
-            .collect();
-        if pods > 1 && per_job.windows(2).any(|w| w[0] != w[1]) {
+    fn kubernetes_differences(&mut self) {
+        if self.pod_labels.windows(2).any(|w| w[0] != w[1]) {
             self.report.changed(
                 "scrape_configs",
                 "ztail's [kubernetes.labels] apply to every pod source: a label one job's relabelling set is now on every job's entries",
@@ -704,7 +691,7 @@ impl Converter<'_> {
                 .chain(["filename".to_owned()])
                 .collect();
             stages::pipeline(self, at, &sc.pipeline_stages, &mut s, known);
-            if s.table.items.iter().any(|i| i.key == "format") {
+            if s.table.has("format") {
                 // Promtail's static jobs get no labels from the kubelet's path or the pod.
                 s.table.set("path_labels", "").note =
                     Some("Promtail's static jobs take no labels from the path".into());
@@ -737,10 +724,7 @@ impl Converter<'_> {
             let drop = l.readline_rate_drop.unwrap_or(true);
             let mut applied = false;
             for s in sources.iter_mut() {
-                let has_limit = s
-                    .stages
-                    .iter()
-                    .any(|t| t.items.first().and_then(|i| i.value.as_str()) == Some("limit"));
+                let has_limit = s.stages.iter().any(|t| t.kind() == Some("limit"));
                 if has_limit {
                     let name = s.table.items[0]
                         .value

@@ -45,6 +45,19 @@ impl Table {
         }
     }
 
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.items.iter().find(|i| i.key == key).map(|i| &i.value)
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// A stage's `type`.
+    pub fn kind(&self) -> Option<&str> {
+        self.get("type").and_then(Value::as_str)
+    }
+
     pub fn set(&mut self, key: &str, value: impl Into<Value>) -> &mut Item {
         self.items.push(Item::new(key, value));
         self.items.last_mut().expect("just pushed")

@@ -171,7 +171,7 @@ impl Job<'_, '_> {
         match stage {
             Stage::Cri(rest) | Stage::Docker(rest) => {
                 let format = stage.name();
-                if s.table.items.iter().any(|i| i.key == "format") {
+                if s.table.has("format") {
                     return Err("the source already has a format".into());
                 }
                 if self.written > 0 {
@@ -464,7 +464,7 @@ impl Job<'_, '_> {
         s.labels.retain(|i| i.key != name);
         let mut found = s.labels.len() != before;
         for t in s.stages.iter_mut() {
-            let is_labels = t.items.first().and_then(|i| i.value.as_str()) == Some("labels");
+            let is_labels = t.kind() == Some("labels");
             for item in t.items.iter_mut().filter(|i| is_labels && i.key == "set") {
                 if let Value::Table(m) = &mut item.value {
                     found |= m.remove(name).is_some();
@@ -473,12 +473,14 @@ impl Job<'_, '_> {
         }
         // A labels stage left empty sets nothing.
         s.stages.retain(|t| {
-            !t.items
-                .iter()
-                .any(|i| i.key == "set" && i.value.as_table().is_some_and(|m| m.is_empty()))
+            t.kind() != Some("labels")
+                || !t
+                    .get("set")
+                    .and_then(|v| v.as_table())
+                    .is_some_and(|m| m.is_empty())
         });
-        let framed = s.table.items.iter().any(|i| i.key == "format");
-        if name == "stream" && framed && !s.table.items.iter().any(|i| i.key == "stream_as") {
+        let framed = s.table.has("format");
+        if name == "stream" && framed && !s.table.has("stream_as") {
             s.table.set("stream_as", "drop").note = Some(format!("promtail: {at}.stream"));
             found = true;
         }
@@ -510,7 +512,7 @@ impl Job<'_, '_> {
         s: &mut Source,
     ) -> Result<Converted, String> {
         unread(self.c, at, &ts.rest);
-        if s.table.items.iter().any(|i| i.key == "format") {
+        if s.table.has("format") {
             return Err(
                 "cri and docker sources take each entry's timestamp from the container runtime"
                     .into(),

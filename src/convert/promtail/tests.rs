@@ -294,3 +294,39 @@ scrape_configs:
         c.report
     );
 }
+
+/// `[kubernetes.labels]` are shared by every pod source: two pod jobs that label differently
+/// are called out, whichever job has the extra label.
+#[test]
+fn pod_jobs_that_label_differently_are_reported() {
+    let job = |name: &str, relabel: &str| {
+        format!(
+            "  - job_name: {name}\n    pipeline_stages: [{{cri: {{}}}}]\n    kubernetes_sd_configs: [{{role: pod}}]\n    relabel_configs:{relabel}\n"
+        )
+    };
+    let team = "\n      - {source_labels: [__meta_kubernetes_pod_label_team], target_label: team}";
+    for (a, b) in [(team, " []"), (" []", team)] {
+        let c = conv(&format!(
+            "{CLIENT}scrape_configs:\n{}{}",
+            job("a", a),
+            job("b", b)
+        ));
+        assert!(
+            c.report.changed.iter().any(|n| n.path == "scrape_configs"),
+            "{:?}",
+            c.report
+        );
+    }
+    let same = conv(&format!(
+        "{CLIENT}scrape_configs:\n{}{}",
+        job("a", team),
+        job("b", team)
+    ));
+    assert!(
+        !same
+            .report
+            .changed
+            .iter()
+            .any(|n| n.path == "scrape_configs")
+    );
+}
