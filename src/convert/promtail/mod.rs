@@ -439,6 +439,24 @@ impl Converter<'_> {
             }
             None => c.url.clone(),
         };
+        // A user name and password in the URL are left out (never copied into the config).
+        let url = match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+                match authority.rsplit_once('@') {
+                    Some((_, host)) => {
+                        self.report.not_converted(
+                            format!("{at}.url"),
+                            "refused: the user name and password in the URL were left out; ztail authenticates with its SPIFFE certificate (change the password: it was in a config file)",
+                        );
+                        format!("{scheme}://{host}{}", &rest[authority.len()..])
+                    }
+                    None => url,
+                }
+            }
+            None => url,
+        };
+        let sink = &mut self.doc.sink;
         sink.set("url", url).note = Some(format!("promtail: {at}.url"));
         if let Some(t) = c.tenant_id.as_ref().filter(|t| !t.is_empty()) {
             sink.set("tenant", t.as_str()).note = Some(format!("promtail: {at}.tenant_id"));

@@ -330,3 +330,29 @@ fn pod_jobs_that_label_differently_are_reported() {
             .any(|n| n.path == "scrape_configs")
     );
 }
+
+/// Credentials in Promtail's URL are refused and never written into the ztail config.
+#[test]
+fn a_password_in_the_url_is_left_out_and_reported() {
+    let c = conv(
+        "clients:\n  - url: http://user:s3cret@loki:3100/loki/api/v1/push\nscrape_configs:\n  - job_name: a\n    static_configs:\n      - labels: {__path__: /var/log/a.log}\n",
+    );
+    assert!(
+        !c.toml.contains("s3cret") && !c.toml.contains("user"),
+        "{}",
+        c.toml
+    );
+    assert!(
+        c.toml
+            .contains(r#"url = "https://loki:3100/loki/api/v1/push""#),
+        "{}",
+        c.toml
+    );
+    assert!(
+        c.report
+            .not_converted
+            .iter()
+            .any(|n| n.path == "clients[0].url")
+    );
+    assert!(!format!("{:?}", c.report).contains("s3cret"));
+}
