@@ -15,6 +15,7 @@ pub mod admin;
 pub mod config;
 pub mod convert;
 pub mod identity;
+pub mod journal;
 pub mod k8s;
 pub mod loki;
 pub mod metrics;

@@ -112,6 +112,8 @@ pub struct Metrics {
     pub redactions: Family<SourceRuleLabel, Counter>,
     pub label_overflows: Family<SourceLabel, Counter>,
     pub stage_holds: Counter,
+    pub journal_entries_lost: Family<SourceLabel, Counter>,
+    pub journal_file_errors: Family<SourceLabel, Counter>,
     pub kubernetes_pods: Gauge,
     pub kubernetes_api_up: Gauge,
     pub kubernetes_watch_errors: Family<KindLabel, Counter>,
@@ -154,6 +156,8 @@ impl Metrics {
             redactions: Family::default(),
             label_overflows: Family::default(),
             stage_holds: Counter::default(),
+            journal_entries_lost: Family::default(),
+            journal_file_errors: Family::default(),
             kubernetes_pods: Gauge::default(),
             kubernetes_api_up: Gauge::default(),
             kubernetes_watch_errors: Family::default(),
@@ -233,6 +237,16 @@ impl Metrics {
             "label_overflows",
             "Entries whose stage label value was beyond the label's max_values (kept as metadata or the overflow value), by source",
             m.label_overflows.clone(),
+        );
+        registry.register(
+            "journal_entries_lost",
+            "Journal entries removed (vacuumed, or their file damaged) before ztail read them, by source",
+            m.journal_entries_lost.clone(),
+        );
+        registry.register(
+            "journal_file_errors",
+            "Journal files ztail stopped reading because they were damaged, vacuumed or unsupported, by source",
+            m.journal_file_errors.clone(),
         );
         registry.register(
             "stage_holds",

@@ -402,6 +402,7 @@ impl ProbeConfig {
             stages: None,
             kubernetes: false,
             formats: Vec::new(),
+            journal: None,
         }
     }
 }

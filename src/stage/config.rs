@@ -115,6 +115,9 @@ pub struct Context<'a> {
     pub taken_labels: &'a [String],
     /// Metadata names the framing sets.
     pub framing_meta: &'a [String],
+    /// Fields the source gives with each entry (the journal's), which stages may read like
+    /// parsed ones; the key path that names them.
+    pub given: (&'a [String], &'a str),
 }
 
 /// Validates a source's stages. `key` is the source's key path (`sources[0]`).
@@ -138,6 +141,11 @@ pub fn validate(
         builtin: false,
         redact_key: None,
     };
+    if !ctx.given.0.is_empty() {
+        b.produce(ctx.given.1, 0, ctx.given.0)?;
+        b.p.parsers
+            .push(Parser::new(ParserKind::Given, ctx.given.0.to_vec()));
+    }
     for (i, stage) in raw.into_iter().enumerate() {
         let k = format!("{key}.stages[{i}]");
         b.stage(&k, i, stage)?;

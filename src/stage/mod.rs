@@ -107,9 +107,15 @@ struct Cond {
 
 #[derive(Debug)]
 enum ParserKind {
+    /// The fields the source gives with each entry ([`Given`]), by their index in
+    /// `declared`.
+    Given,
     Json,
     Logfmt,
-    Regex { re: Regex, source: Option<Field> },
+    Regex {
+        re: Regex,
+        source: Option<Field>,
+    },
 }
 
 #[derive(Debug)]
@@ -225,6 +231,7 @@ impl Pipeline {
                 parser.outputs.push((j, id as Field));
             }
             match &parser.kind {
+                ParserKind::Given => {}
                 ParserKind::Json => {
                     parser.paths = parser
                         .outputs
@@ -270,6 +277,44 @@ impl Pipeline {
 /// A value's range in the work buffer.
 type Span = (u32, u32);
 
+/// Field values a source gives with the entries of one read (the journal's fields), for
+/// stages to read like parsed fields: entry `i` has `values[starts[i]..starts[i + 1]]`, each
+/// (index among the source's given field names, range in `buf`).
+#[derive(Debug, Default)]
+pub struct Given {
+    pub buf: Vec<u8>,
+    pub values: Vec<(u16, u32, u32)>,
+    pub starts: Vec<u32>,
+}
+
+impl Given {
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.values.clear();
+        self.starts.clear();
+        self.starts.push(0);
+    }
+
+    /// Ends the current entry's values.
+    pub fn next_entry(&mut self) {
+        self.starts.push(self.values.len() as u32);
+    }
+
+    /// Adds a value to the current entry.
+    pub fn push(&mut self, field: u16, value: &[u8]) {
+        let start = self.buf.len() as u32;
+        self.buf.extend_from_slice(value);
+        self.values.push((field, start, self.buf.len() as u32));
+    }
+
+    fn of(&self, i: usize) -> &[(u16, u32, u32)] {
+        match (self.starts.get(i), self.starts.get(i + 1)) {
+            (Some(&a), Some(&b)) => &self.values[a as usize..b as usize],
+            _ => &[],
+        }
+    }
+}
+
 /// The per-entry work area, reused across entries.
 #[derive(Default)]
 struct Work {
@@ -292,6 +337,8 @@ struct Work {
     labels: Vec<Option<Span>>,
     meta: Vec<(u16, Span)>,
     tenant: Option<u16>,
+    /// The values the source gave with this entry, (given index, span in `buf`).
+    given: Vec<(u16, Span)>,
 }
 
 impl Work {
@@ -305,6 +352,7 @@ impl Work {
         self.rewritten = false;
         self.meta.clear();
         self.tenant = None;
+        self.given.clear();
     }
 
     fn line<'a>(&'a self, original: &'a [u8]) -> &'a [u8] {
@@ -462,6 +510,19 @@ impl Runner {
         registry: &Streams,
         now: i64,
     ) -> Duration {
+        self.apply_given(data, entries, meta, registry, now, None)
+    }
+
+    /// [`Runner::apply`] for a source that gives field values with its entries.
+    pub fn apply_given(
+        &mut self,
+        data: &mut Vec<u8>,
+        entries: &mut Vec<Entry>,
+        meta: &mut Vec<Meta>,
+        registry: &Streams,
+        now: i64,
+        given: Option<&Given>,
+    ) -> Duration {
         let p = self.pipeline.clone();
         let mut kept = 0;
         let mut hold = Duration::ZERO;
@@ -486,6 +547,14 @@ impl Runner {
         for i in 0..entries.len() {
             let mut e = entries[i];
             self.work.reset(p.fields.len(), p.label_names.len());
+            if let Some(g) = given {
+                let w = &mut self.work;
+                for &(field, a, b) in g.of(i) {
+                    let start = w.buf.len() as u32;
+                    w.buf.extend_from_slice(&g.buf[a as usize..b as usize]);
+                    w.given.push((field, (start, w.buf.len() as u32)));
+                }
+            }
             let fate = {
                 let original = &data[e.start as usize..e.end as usize];
                 run_stages(&p, &mut self.work, original, &e, &self.routes, now)
@@ -1075,6 +1144,14 @@ fn get(p: &Pipeline, w: &mut Work, original: &[u8], field: Field) -> Option<Span
 fn run_parser(p: &Pipeline, w: &mut Work, original: &[u8], i: usize) {
     w.parsed |= 1 << i;
     let parser = &p.parsers[i];
+    if let ParserKind::Given = parser.kind {
+        for &(j, field) in &parser.outputs {
+            if let Some(&(_, span)) = w.given.iter().find(|(g, _)| *g as usize == j) {
+                w.values[field as usize] = Some(span);
+            }
+        }
+        return;
+    }
     // A regex stage may read a field (whose own parser runs first) instead of the line.
     let from_field = match &parser.kind {
         ParserKind::Regex {
@@ -1105,6 +1182,7 @@ fn run_parser(p: &Pipeline, w: &mut Work, original: &[u8], i: usize) {
         ParserKind::Json => {
             parse::json_fields(text, &parser.paths, put);
         }
+        ParserKind::Given => {}
         ParserKind::Logfmt => parse::logfmt_fields(text, &parser.keys, put),
         ParserKind::Regex { re, .. } => {
             if let Some(caps) = re.captures(text) {

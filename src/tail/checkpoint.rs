@@ -52,6 +52,22 @@ pub struct Entry {
     pub tail_hash: u64,
 }
 
+/// A journal source's position in one journal (one seqnum id): systemd's cursor of the last
+/// entry before which Loki acknowledged everything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalEntry {
+    /// The source's name.
+    pub journal: String,
+    pub cursor: String,
+}
+
+impl JournalEntry {
+    fn is_bounded(&self) -> bool {
+        self.journal.len() <= 1024 && self.cursor.len() <= 512
+    }
+}
+
 /// The held state directory.
 pub struct StateDir {
     dir: PathBuf,
@@ -65,6 +81,7 @@ pub struct Loaded {
     /// True if no checkpoint file existed: ztail's first start with this state directory.
     pub first_start: bool,
     pub entries: HashMap<(u64, u64), Entry>,
+    pub journal: Vec<JournalEntry>,
 }
 
 impl StateDir {
@@ -98,6 +115,7 @@ impl StateDir {
                 return Loaded {
                     first_start: true,
                     entries: HashMap::new(),
+                    journal: Vec::new(),
                 };
             }
             Err(e) => {
@@ -105,12 +123,14 @@ impl StateDir {
                 return Loaded {
                     first_start: false,
                     entries: HashMap::new(),
+                    journal: Vec::new(),
                 };
             }
         };
         let text = String::from_utf8_lossy(&text);
         let imported = text.lines().next() == Some(HEADER_IMPORTED);
         let mut entries = HashMap::new();
+        let mut journal = Vec::new();
         let mut damaged = 0;
         for (i, line) in text.lines().enumerate() {
             if i == 0 && (line == HEADER || line == HEADER_IMPORTED) || line.is_empty() {
@@ -120,7 +140,10 @@ impl StateDir {
                 Some(e) => {
                     entries.insert((e.dev, e.ino), e);
                 }
-                None => damaged += 1,
+                None => match parse_journal_line(line) {
+                    Some(j) => journal.push(j),
+                    None => damaged += 1,
+                },
             }
         }
         if imported {
@@ -131,7 +154,7 @@ impl StateDir {
             // own at once, a crash before the first checkpoint makes the next start read new
             // files from their beginning (duplicates), never skip to their end again (loss).
             let own: Vec<Entry> = entries.values().cloned().collect();
-            if let Err(e) = self.save(&own) {
+            if let Err(e) = self.save_all(&own, &journal) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot rewrite the imported checkpoint file; retried at the next checkpoint");
             }
         } else if damaged > 0 || !text.starts_with(HEADER) {
@@ -140,6 +163,7 @@ impl StateDir {
         Loaded {
             first_start: imported,
             entries,
+            journal,
         }
     }
 
@@ -158,7 +182,7 @@ impl StateDir {
     /// that has not started yet: at its first start, these files resume at their positions
     /// and every other file starts at `start_at`.
     pub fn save_imported(&self, entries: &[Entry]) -> io::Result<()> {
-        self.write(&render(HEADER_IMPORTED, entries))
+        self.write(&render(HEADER_IMPORTED, entries, &[]))
     }
 
     /// Whether the checkpoint file is where it should be (a cleanup job may have removed it,
@@ -170,7 +194,12 @@ impl StateDir {
     /// Replaces the checkpoint file atomically. If the directory is gone, it is recreated and
     /// locked again first.
     pub fn save(&self, entries: &[Entry]) -> io::Result<()> {
-        let out = render(HEADER, entries);
+        self.save_all(entries, &[])
+    }
+
+    /// [`save`](Self::save) with the journal sources' cursors.
+    pub fn save_all(&self, entries: &[Entry], journal: &[JournalEntry]) -> io::Result<()> {
+        let out = render(HEADER, entries, journal);
         match self.write(&out) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && !self.dir.exists() => {
                 let lock = take(&self.dir).map_err(io::Error::other)?;
@@ -205,12 +234,16 @@ impl StateDir {
 }
 
 /// The checkpoint file's text: the header, then a line per entry.
-fn render(header: &str, entries: &[Entry]) -> String {
-    let mut out = String::with_capacity(64 + entries.len() * 160);
+fn render(header: &str, entries: &[Entry], journal: &[JournalEntry]) -> String {
+    let mut out = String::with_capacity(64 + entries.len() * 160 + journal.len() * 160);
     out.push_str(header);
     out.push('\n');
     for e in entries {
         out.push_str(&format_line(e));
+        out.push('\n');
+    }
+    for j in journal {
+        out.push_str(&checksummed(j));
         out.push('\n');
     }
     out
@@ -261,9 +294,23 @@ fn take(dir: &Path) -> anyhow::Result<File> {
 
 /// One checkpoint line: the FNV-1a hash of the JSON, in hex, then the JSON.
 pub fn format_line(e: &Entry) -> String {
-    // Serializing plain integers and a path cannot fail.
+    checksummed(e)
+}
+
+fn checksummed(e: &impl Serialize) -> String {
+    // Serializing plain integers, paths and strings cannot fail.
     let json = serde_json::to_string(e).unwrap_or_default();
     format!("{:016x} {json}", hash(json.as_bytes()))
+}
+
+/// Parses a journal cursor line; `None` if it is damaged in any way.
+fn parse_journal_line(line: &str) -> Option<JournalEntry> {
+    let (sum, json) = line.split_once(' ')?;
+    if u64::from_str_radix(sum, 16).ok()? != hash(json.as_bytes()) {
+        return None;
+    }
+    let j: JournalEntry = serde_json::from_str(json).ok()?;
+    j.is_bounded().then_some(j)
 }
 
 /// Parses a line written by [`format_line`]; `None` if it is damaged in any way, or holds a
@@ -336,6 +383,32 @@ mod tests {
         let loaded = state.load();
         assert!(!loaded.first_start);
         assert!(loaded.entries.is_empty());
+    }
+
+    #[test]
+    fn journal_cursors_share_the_file_and_its_damage_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let j = |n: &str, c: &str| JournalEntry {
+            journal: n.into(),
+            cursor: c.into(),
+        };
+        state
+            .save_all(
+                &[entry(1, 100)],
+                &[j("journal", "s=01;i=2"), j("other", "s=03;i=4")],
+            )
+            .unwrap();
+        let loaded = state.load();
+        assert_eq!(loaded.entries.len(), 1);
+        assert_eq!(
+            loaded.journal,
+            vec![j("journal", "s=01;i=2"), j("other", "s=03;i=4")]
+        );
+        let path = dir.path().join(FILE_NAME);
+        let text = fs::read_to_string(&path).unwrap().replace("i=4", "i=5");
+        fs::write(&path, text).unwrap();
+        assert_eq!(state.load().journal, vec![j("journal", "s=01;i=2")]);
     }
 
     #[test]

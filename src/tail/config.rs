@@ -54,6 +54,8 @@ pub struct SourceConfig {
     pub kubernetes: bool,
     /// Formats a pod may choose by annotation, each a framing and stages of its own.
     pub formats: Vec<NamedFormat>,
+    /// A journal source reads the systemd journal instead of files (`include` is empty).
+    pub journal: Option<Arc<crate::journal::config::JournalConfig>>,
 }
 
 /// A format of a source that a pod's `format` annotation may choose.
@@ -100,6 +102,7 @@ impl Default for RawTail {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSource {
     pub(crate) name: String,
+    #[serde(default)]
     include: Vec<String>,
     #[serde(default)]
     exclude: Vec<String>,
@@ -131,6 +134,7 @@ pub(crate) struct RawSource {
     kubernetes: Option<bool>,
     #[serde(default)]
     formats: BTreeMap<String, RawFormat>,
+    journal: Option<crate::journal::config::RawJournal>,
 }
 
 #[derive(Deserialize)]
@@ -219,15 +223,45 @@ impl SourceConfig {
     pub(crate) fn validate(
         v: &Validator,
         key: &str,
-        s: RawSource,
+        mut s: RawSource,
         host_label: bool,
         k8s: Option<&crate::k8s::KubernetesConfig>,
     ) -> Result<SourceConfig, ConfigError> {
         if s.name.is_empty() {
             return Err(v.err(format!("{key}.name"), "must not be empty"));
         }
-        if s.include.is_empty() {
-            return Err(v.err(format!("{key}.include"), "needs at least one glob pattern"));
+        let journal = match s.journal.take() {
+            Some(j) => {
+                let j = crate::journal::config::validate(v, &format!("{key}.journal"), j)?;
+                // What a journal entry is leaves nothing for these to do.
+                let file_only = [
+                    ("include", !s.include.is_empty()),
+                    ("exclude", !s.exclude.is_empty()),
+                    ("format", s.format != Format::Raw),
+                    ("multiline", s.multiline.is_some()),
+                    ("timestamp", s.timestamp.is_some()),
+                    ("path_labels", s.path_labels.is_some()),
+                    ("metadata_fields", !s.metadata_fields.is_empty()),
+                    ("follow_symlinks_under", !s.follow_symlinks_under.is_empty()),
+                    ("kubernetes", s.kubernetes == Some(true)),
+                    ("formats", !s.formats.is_empty()),
+                ];
+                if let Some((name, _)) = file_only.iter().find(|(_, set)| *set) {
+                    return Err(v.err(
+                        format!("{key}.{name}"),
+                        "applies to file sources only: a journal source reads whole entries with their own timestamps (journal fields reach the stages through journal.fields)",
+                    ));
+                }
+                s.kubernetes = Some(false);
+                Some(Arc::new(j))
+            }
+            None => None,
+        };
+        if s.include.is_empty() && journal.is_none() {
+            return Err(v.err(
+                format!("{key}.include"),
+                "needs at least one glob pattern (or a [sources.journal] table to read the systemd journal)",
+            ));
         }
         let mut include = Vec::with_capacity(s.include.len());
         for (j, pattern) in s.include.iter().enumerate() {
@@ -258,7 +292,12 @@ impl SourceConfig {
             .build()
             .map_err(|e| v.err(format!("{key}.exclude"), e.to_string()))?;
 
-        let mut reserved = vec![labels::FILENAME];
+        // A journal source has no file name: its streams are its labels and host.
+        let mut reserved = if journal.is_some() {
+            vec![]
+        } else {
+            vec![labels::FILENAME]
+        };
         if host_label {
             reserved.push(labels::HOST);
         }
@@ -428,7 +467,17 @@ impl SourceConfig {
         let captured = path_labels
             .as_ref()
             .map_or(0, |re| re.capture_names().flatten().count());
-        let total = set.len() + 1 + captured + stream_label as usize + k8s_labels.len();
+        if journal.is_some() && set.is_empty() {
+            return Err(v.err(
+                format!("{key}.labels"),
+                "a journal source needs at least one label (Loki refuses a stream without one): add labels = { job = \"journal\" } or keep the host label",
+            ));
+        }
+        let total = set.len()
+            + journal.is_none() as usize
+            + captured
+            + stream_label as usize
+            + k8s_labels.len();
         if total > labels::MAX_LABELS {
             return Err(v.err(
                 format!("{key}.labels"),
@@ -440,7 +489,9 @@ impl SourceConfig {
         }
         // Stages see every label name a stream of this source has (host is in `set`).
         let mut taken: Vec<String> = set.keys().cloned().collect();
-        taken.push(labels::FILENAME.to_owned());
+        if journal.is_none() {
+            taken.push(labels::FILENAME.to_owned());
+        }
         if let Some(re) = &path_labels {
             taken.extend(re.capture_names().flatten().map(str::to_owned));
         }
@@ -462,9 +513,15 @@ impl SourceConfig {
             }
         }
         // What the stages of the source and of its formats may refer to.
+        let given = journal
+            .as_ref()
+            .map(|j| j.field_names())
+            .unwrap_or_default();
+        let given_key = format!("{key}.journal.fields");
         let stage_ctx = crate::stage::config::Context {
             taken_labels: &taken,
             framing_meta: &framing_meta,
+            given: (&given, &given_key),
         };
         let stages = crate::stage::config::validate(v, key, s.stages, &stage_ctx)?.map(Arc::new);
         if !s.formats.is_empty() && k8s.is_none() {
@@ -518,6 +575,7 @@ impl SourceConfig {
             stages,
             kubernetes: k8s.is_some(),
             formats,
+            journal,
         })
     }
 }

@@ -39,11 +39,11 @@ use crate::loki::labels::{FILENAME, LabelSet};
 use crate::metrics::{Metrics, PathLabel};
 use crate::pipeline::{Chunk, Cursor, Position, Streams, lock};
 use crate::tail::config::{SourceConfig, StartAt, TailConfig};
-use checkpoint::{Entry, StateDir};
+use checkpoint::{Entry, JournalEntry, StateDir};
 use reader::{FileReader, hash, read_head};
 
 /// How long checkpoints of files not found again after a start are kept.
-const UNCLAIMED_CHECKPOINT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const UNCLAIMED_CHECKPOINT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Lifecycle of a tracked file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -162,7 +162,7 @@ struct Registry {
 pub struct Tailer {
     sources: Vec<SourceConfig>,
     cfg: TailConfig,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     state_dir: StateDir,
     files: Mutex<Registry>,
     streams: Streams,
@@ -180,6 +180,10 @@ pub struct Tailer {
     read_permits: Arc<tokio::sync::Semaphore>,
     /// Pod metadata for the sources that ask for it.
     kube: Option<Arc<crate::k8s::Metadata>>,
+    /// The journals the journal sources read, each with its position.
+    journal: Mutex<Vec<Arc<crate::journal::Chain>>>,
+    /// Journal cursors loaded at start; kept in the checkpoint as long as `resume`.
+    journal_saved: Mutex<Vec<JournalEntry>>,
 }
 
 /// How many files may hold a chunk that is read but not yet queued.
@@ -210,7 +214,42 @@ impl Tailer {
             tasks: TaskTracker::new(),
             read_permits: Arc::new(tokio::sync::Semaphore::new(READS_IN_FLIGHT)),
             kube,
+            journal: Mutex::default(),
+            journal_saved: Mutex::new(loaded.journal),
         })
+    }
+
+    pub(crate) fn sources(&self) -> &[SourceConfig] {
+        &self.sources
+    }
+
+    pub(crate) fn streams(&self) -> &Streams {
+        &self.streams
+    }
+
+    pub(crate) fn read_permits(&self) -> Arc<tokio::sync::Semaphore> {
+        self.read_permits.clone()
+    }
+
+    pub(crate) fn cancel(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub(crate) fn read_buffer(&self) -> usize {
+        self.cfg.read_buffer
+    }
+
+    pub(crate) fn add_journal(&self, chain: Arc<crate::journal::Chain>) {
+        lock(&self.journal).push(chain);
+    }
+
+    pub(crate) fn remove_journal(&self, chain: &Arc<crate::journal::Chain>) {
+        lock(&self.journal).retain(|c| !Arc::ptr_eq(c, chain));
+    }
+
+    /// The journals read, for `/status`.
+    pub fn journals(&self) -> Vec<Arc<crate::journal::Chain>> {
+        lock(&self.journal).clone()
     }
 
     /// Every tracked file, for `/status`.
@@ -227,6 +266,18 @@ impl Tailer {
         let mut watched = HashSet::new();
         let started = std::time::Instant::now();
         let mut first_pass = true;
+        let saved = lock(&self.journal_saved).clone();
+        for (i, src) in self.sources.iter().enumerate() {
+            if src.journal.is_some() {
+                self.tasks.spawn(crate::journal::run(
+                    self.clone(),
+                    i,
+                    tx.clone(),
+                    self.first_start.load(Ordering::Relaxed),
+                    saved.clone(),
+                ));
+            }
+        }
         loop {
             if let Some(w) = watcher.as_mut() {
                 self.watch_dirs(w, &mut watched);
@@ -256,6 +307,7 @@ impl Tailer {
             // gone or no longer match; they are kept that long in case a file was briefly
             // unreadable, then forgotten so the checkpoint file does not grow forever.
             if started.elapsed() >= UNCLAIMED_CHECKPOINT_TTL {
+                lock(&self.journal_saved).clear();
                 let mut resume = lock(&self.resume);
                 if !resume.is_empty() {
                     tracing::info!(
@@ -283,7 +335,7 @@ impl Tailer {
     /// Writes checkpoints every `checkpoint_interval` until cancelled, then once more after
     /// `done` resolves (the sink has finished), so the final state is on disk.
     pub async fn checkpoint_loop(self: Arc<Self>, done: impl std::future::Future<Output = ()>) {
-        let mut last = Vec::new();
+        let mut last = (Vec::new(), Vec::new());
         tokio::pin!(done);
         loop {
             tokio::select! {
@@ -294,7 +346,7 @@ impl Tailer {
         self.checkpoint(&mut last);
     }
 
-    fn checkpoint(&self, last: &mut Vec<Entry>) {
+    fn checkpoint(&self, last: &mut (Vec<Entry>, Vec<JournalEntry>)) {
         let mut entries = Vec::new();
         let (mut open, mut deleted) = (0, 0);
         {
@@ -338,16 +390,35 @@ impl Tailer {
                 .cloned(),
         );
         entries.sort_by_key(|e| (e.dev, e.ino));
-        if entries == *last && self.state_dir.is_intact() {
+        let journal = self.journal_entries();
+        if entries == last.0 && journal == last.1 && self.state_dir.is_intact() {
             return;
         }
-        match self.state_dir.save(&entries) {
-            Ok(()) => *last = entries,
+        match self.state_dir.save_all(&entries, &journal) {
+            Ok(()) => *last = (entries, journal),
             Err(e) => {
                 self.metrics.checkpoint_write_errors.inc();
                 tracing::error!(dir = %self.state_dir.path().display(), error = %e, "cannot write checkpoints; positions are kept in memory and retried (a crash now re-sends more lines)");
             }
         }
+    }
+
+    /// The journal cursors to save: each journal's, and those loaded at start whose journal
+    /// has not been found (yet).
+    fn journal_entries(&self) -> Vec<JournalEntry> {
+        let chains = lock(&self.journal).clone();
+        let mut out: Vec<JournalEntry> = chains.iter().filter_map(|c| c.entry()).collect();
+        for j in lock(&self.journal_saved).iter() {
+            let live = crate::journal::file::parse_cursor(&j.cursor).is_some_and(|(id, _)| {
+                chains
+                    .iter()
+                    .any(|c| c.source == j.journal && c.seqnum_id == id)
+            });
+            if !live {
+                out.push(j.clone());
+            }
+        }
+        out
     }
 
     /// Lists the regular files matching each source's globs.

@@ -133,6 +133,7 @@ pub(super) fn source(dir: &Path) -> SourceConfig {
         stages: None,
         kubernetes: false,
         formats: Vec::new(),
+        journal: None,
     }
 }
 

@@ -59,6 +59,19 @@ fn the_daemonset_mounts_what_its_config_uses() {
             .iter()
             .all(|g| g.starts_with("/var/log/pods/"))
     );
+    // The journal source reads the host's journal directories, mounted read-only.
+    let journal = c
+        .sources
+        .iter()
+        .find_map(|s| s.journal.as_ref())
+        .expect("a journal source");
+    for dir in &journal.directories {
+        assert!(
+            ds.contains(&format!("mountPath: {}, readOnly: true", dir.display())),
+            "journal directory {} mounted read-only",
+            dir.display()
+        );
+    }
     assert!(ds.contains("mountPath: /etc/ztail") && ds.contains("\"/etc/ztail/ztail.toml\""));
     assert!(
         ds.contains(&c.admin.listen.to_string()),

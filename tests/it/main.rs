@@ -15,6 +15,7 @@ mod e2e;
 mod faults;
 mod formats;
 mod identity;
+mod journal;
 mod kubernetes;
 mod pki_profile;
 mod probes;

@@ -2,6 +2,7 @@
 //! Each test binary uses a different part of it, hence the `dead_code` allowance in both.
 
 pub mod http_target;
+pub mod journald;
 pub mod kube;
 pub mod pki;
 pub mod receiver;

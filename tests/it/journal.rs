@@ -1,0 +1,181 @@
+//! The journal source against a real systemd-journald (`tests/support/journald.rs`): entries
+//! sent through journald's socket, read by the real binary from the files journald wrote,
+//! judged at the receiver.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::support::journald::Journald;
+use crate::support::ztail::{Env, LOKI_ID, Ztail};
+use crate::{WAIT, now_ns};
+
+/// A journal source over `j`'s files; `extra` goes into its table.
+fn journal_source(j: &Journald, start_at: &str, journal_extra: &str, stages: &str) -> String {
+    format!(
+        r#"
+[[sources]]
+name = "journal"
+start_at = "{start_at}"
+labels = {{ job = "journal" }}
+{stages}
+[sources.journal]
+directories = ["{}"]
+{journal_extra}
+"#,
+        j.dir.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_entries_arrive_in_order_with_their_fields_time_and_matches() {
+    let j = Journald::start("fields", "8M");
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let before = now_ns();
+    // Written before ztail's first start: start_at = "beginning" reads them.
+    j.log("app", 6, "first");
+    j.log("app", 7, "debug is above the priority");
+    j.log("other", 3, "another identifier");
+    let stages = r#"
+[[sources.stages]]
+type = "labels"
+fields = ["ident"]
+[[sources.stages]]
+type = "metadata"
+fields = ["prio"]
+[[sources.stages]]
+type = "drop"
+field = "prio"
+value = "^2$"
+reason = "critical_test"
+"#;
+    let config = env.config(
+        &rx.url(),
+        "",
+        &journal_source(
+            &j,
+            "beginning",
+            r#"identifiers = ["app"]
+priority = "info"
+fields = { ident = "SYSLOG_IDENTIFIER", prio = "PRIORITY" }"#,
+            stages,
+        ),
+    );
+    let mut zt = Ztail::start(&env, &config);
+    // Written while it runs: a long message (journald compresses fields of 512 bytes and more),
+    // a multi-line one, one with bytes that are not UTF-8 and a NUL, one a stage drops.
+    let long = "x".repeat(3000) + " end";
+    j.log("app", 4, &long);
+    j.log("app", 5, "two\nlines");
+    j.send(&[
+        ("MESSAGE", b"bin\xffary\x00tail"),
+        ("SYSLOG_IDENTIFIER", b"app"),
+        ("PRIORITY", b"6"),
+    ]);
+    j.log("app", 2, "dropped by the stage");
+    j.log("app", 6, "last");
+    let want = [
+        "first".to_owned(),
+        long.clone(),
+        "two\nlines".to_owned(),
+        "bin\u{fffd}ary\u{0}tail".to_owned(),
+        "last".to_owned(),
+    ];
+    assert!(
+        rx.wait_for(|e| e.len() >= want.len(), WAIT).await,
+        "got {:?}\n{}",
+        rx.entries().iter().map(|e| &e.line).collect::<Vec<_>>(),
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut entries = rx.entries();
+    entries.sort_by_key(|e| e.timestamp_ns);
+    let lines: Vec<&str> = entries.iter().map(|e| e.line.as_str()).collect();
+    assert_eq!(lines, want.iter().map(String::as_str).collect::<Vec<_>>());
+    for e in &entries {
+        assert_eq!(e.labels.get("job").map(String::as_str), Some("journal"));
+        assert_eq!(e.labels.get("ident").map(String::as_str), Some("app"));
+        assert!(e.structured_metadata.contains_key("prio"), "{e:?}");
+        // The journal's realtime clock, microseconds: when journald received it.
+        assert!(e.timestamp_ns >= before / 1000 * 1000 && e.timestamp_ns <= now_ns());
+        assert_eq!(e.timestamp_ns % 1000, 0);
+    }
+    assert_eq!(entries[1].structured_metadata["prio"], "4");
+    let dropped = zt
+        .metric("ztail_stage_dropped_total{source=\"journal\",reason=\"critical_test\"}")
+        .await;
+    assert_eq!(dropped, 1.0);
+
+    // The cursor is checkpointed: a restart sends nothing again and resumes after it.
+    zt.terminate(Duration::from_secs(10));
+    let state = std::fs::read_to_string(env.path("state/checkpoints.jsonl")).unwrap();
+    assert!(state.contains("\"journal\":\"journal\""), "{state}");
+    j.log("app", 6, "after the restart");
+    zt.restart();
+    assert!(
+        rx.wait_for(|e| e.len() > want.len(), WAIT).await,
+        "{}",
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let lines: Vec<String> = rx.entries().into_iter().map(|e| e.line).collect();
+    assert_eq!(lines.len(), want.len() + 1, "{lines:?}");
+    assert_eq!(lines.last().unwrap(), "after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_through_kills_rotations_and_a_journald_restart() {
+    const TOTAL: usize = 100_000;
+    const KILLS: usize = 20;
+    let mut j = Journald::start("kills", "64M");
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let config = env.config(&rx.url(), "", &journal_source(&j, "end", "", ""));
+    let mut zt = Ztail::start(&env, &config);
+    zt.wait_up().await;
+    // Started at the end of an empty journal: everything written from now on must arrive.
+    let per_kill = TOTAL / KILLS;
+    for k in 0..KILLS {
+        for i in k * per_kill..(k + 1) * per_kill {
+            j.log("load", 6, &format!("entry {i:06} {}", "p".repeat(150)));
+        }
+        if k == 6 || k == 13 {
+            j.rotate();
+        }
+        if k == 10 {
+            j.restart();
+        }
+        // Let it read some, then kill it mid-stream.
+        tokio::time::sleep(Duration::from_millis(150 + 20 * (k as u64 % 5))).await;
+        zt.kill();
+        zt.restart();
+    }
+    j.wait_written(TOTAL);
+    let indexes = |entries: &[crate::support::receiver::RecordedEntry]| -> BTreeSet<usize> {
+        entries
+            .iter()
+            .filter_map(|e| e.line.strip_prefix("entry ")?.get(..6)?.parse().ok())
+            .collect()
+    };
+    let done = rx
+        .wait_for(
+            |e| e.len() >= TOTAL && indexes(e).len() >= TOTAL,
+            Duration::from_secs(180),
+        )
+        .await;
+    let entries = rx.entries();
+    let got = indexes(&entries);
+    let missing: Vec<usize> = (0..TOTAL).filter(|i| !got.contains(i)).take(10).collect();
+    assert!(
+        done,
+        "{} of {TOTAL} distinct entries arrived; first missing: {missing:?}\n{}",
+        got.len(),
+        zt.log()
+    );
+    assert!(got.iter().all(|&i| i < TOTAL));
+    // Duplicates only from the kills: each re-sends at most what was unacknowledged.
+    let dups = entries.len() - TOTAL;
+    assert!(dups <= KILLS * 20_000, "{dups} duplicates");
+    let lost = zt.metric("ztail_journal_entries_lost_total").await;
+    assert_eq!(lost, 0.0);
+}
