@@ -469,6 +469,51 @@ labels = { job = "app" }
     }
 
     #[test]
+    fn journal_sources_are_checked_like_file_sources() {
+        let base = GOOD.replace("include = [\"logs/*.log\"]\n", "")
+            + "[sources.journal]\nunits = [\"kubelet.service\"]\npriority = \"warning\"\nfields = { unit = \"_SYSTEMD_UNIT\" }\n";
+        let c = parse(&base).unwrap();
+        let j = c.sources[0].journal.as_ref().expect("a journal source");
+        assert!(c.sources[0].include.is_empty());
+        assert_eq!(j.priority, Some(4));
+        assert_eq!(j.directories[0], Path::new("/var/log/journal"));
+        // Stages read the journal's fields by the names given to them.
+        let staged = base.clone() + "[[sources.stages]]\ntype = \"labels\"\nfields = [\"unit\"]\n";
+        assert!(parse(&staged).is_ok());
+        let cases = [
+            (
+                base.replace("[sources.journal]", "include = [\"x\"]\n[sources.journal]"),
+                "sources[0].include",
+            ),
+            (
+                base.replace("\"warning\"", "\"loud\""),
+                "sources[0].journal.priority",
+            ),
+            (
+                base.replace("\"_SYSTEMD_UNIT\"", "\"unit\""),
+                "sources[0].journal.fields.unit",
+            ),
+            (
+                format!(
+                    "host_label = false\n{}",
+                    base.replace("labels = { job = \"app\" }", "")
+                ),
+                "sources[0].labels",
+            ),
+            (
+                base.clone() + "[[sources.stages]]\ntype = \"labels\"\nfields = [\"pid\"]\n",
+                "sources[0].stages[0].set.pid",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {text}"));
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
     fn good_config_resolves_relative_paths_against_its_directory() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.state_dir, Path::new("/etc/ztail/state"));

@@ -114,6 +114,12 @@ pub fn validate(v: &Validator, key: &str, raw: RawJournal) -> Result<JournalConf
         if name.is_empty() || name.len() > 256 {
             return Err(v.err(&k, "a stage field name of 1 to 256 bytes"));
         }
+        if let Some((other, _)) = fields.iter().find(|(_, f)| *f == field) {
+            return Err(v.err(
+                &k,
+                format!("{field:?} is already read as {other:?}: name each journal field once"),
+            ));
+        }
         if !valid_field(&field) {
             return Err(v.err(
                 &k,

@@ -134,7 +134,7 @@ impl Select {
     }
 
     fn selects(&self, e: &file::Entry) -> bool {
-        let value = |i: u16| e.fields.iter().find(|(f, _)| *f == i).map(|(_, v)| &v[..]);
+        let value = |i: u16| e.field(i);
         let any = |list: &[String], v: Option<&[u8]>| {
             v.is_some_and(|v| list.iter().any(|u| u.as_bytes() == v))
         };
@@ -173,12 +173,17 @@ struct ChainReader {
     behind: bool,
     /// Set once the files found at the start have been positioned (and the loss check made).
     started: bool,
+    /// The seqnum after a gap (an entry after `last + 1`) for which the directories have been
+    /// listed again: a gap may be entries in a file not found yet (a user's first journal).
+    gap_checked: Option<u64>,
 }
 
 struct Open {
     f: JournalFile,
     /// The file's next entry, read ahead to merge the files in seqnum order.
     peeked: Option<file::Entry>,
+    /// An entry's buffers to read the next one into.
+    spare: Option<file::Entry>,
     positioned: bool,
     done: bool,
 }
@@ -196,6 +201,8 @@ struct Read {
     lost: u64,
     errors: Vec<(PathBuf, String)>,
     caught_up: bool,
+    /// Stopped before a gap in the seqnums: list the directories, then read on.
+    rescan: bool,
 }
 
 impl ChainReader {
@@ -208,6 +215,7 @@ impl ChainReader {
             at_end,
             behind: false,
             started: false,
+            gap_checked: None,
         }
     }
 
@@ -231,6 +239,7 @@ impl ChainReader {
             };
             if let Err(e) = r {
                 out.errors.push((o.f.path.clone(), e.to_string()));
+                out.lost += o.f.unread();
                 o.done = true;
             }
         }
@@ -275,6 +284,7 @@ impl ChainReader {
             lost: 0,
             errors: Vec::new(),
             caught_up: false,
+            rescan: false,
         };
         out.given.clear();
         for o in self.files.iter_mut().filter(|o| !o.done) {
@@ -288,33 +298,36 @@ impl ChainReader {
         let mut last: Option<(file::Entry, [u8; 16])> = None;
         let mut full = false;
         loop {
-            // Each file's next entry, read ahead; the lowest seqnum goes first.
-            for o in self
-                .files
-                .iter_mut()
-                .filter(|o| !o.done && o.peeked.is_none())
+            self.peek(&mut out);
+            let Some((seqnum, i)) = self.lowest() else {
+                break;
+            };
+            if let Some(l) = self.last
+                && seqnum > l.saturating_add(1)
             {
-                if o.f.unread() == 0 {
-                    continue;
-                }
-                let mut e = file::Entry::default();
-                match o.f.next(&mut e) {
-                    Ok(true) => o.peeked = Some(e),
-                    Ok(false) => {}
-                    Err(err) => {
-                        out.errors.push((o.f.path.clone(), err.to_string()));
+                // A gap: entries between may have been linked in another file after its
+                // header was read, or be in a file not found yet. Look again before passing.
+                for o in self
+                    .files
+                    .iter_mut()
+                    .filter(|o| !o.done && o.peeked.is_none())
+                {
+                    if let Err(e) = o.f.refresh() {
+                        out.errors.push((o.f.path.clone(), e.to_string()));
                         out.lost += o.f.unread();
                         o.done = true;
                     }
                 }
+                self.peek(&mut out);
+                if self.lowest().is_some_and(|(s, _)| s < seqnum) {
+                    continue;
+                }
+                if self.gap_checked != Some(seqnum) {
+                    self.gap_checked = Some(seqnum);
+                    out.rescan = true;
+                    break;
+                }
             }
-            let best = self
-                .files
-                .iter()
-                .enumerate()
-                .filter_map(|(i, o)| o.peeked.as_ref().map(|e| (e.seqnum, i)))
-                .min();
-            let Some((_, i)) = best else { break };
             let Some(e) = self.files[i].peeked.take() else {
                 break;
             };
@@ -323,7 +336,11 @@ impl ChainReader {
             if select.selects(&e) {
                 add(&mut out, &e, select, max_line);
             }
-            last = Some((e, self.files[i].f.header.seqnum_id));
+            // The last entry is kept for its cursor; the one before goes back for reuse.
+            let id = self.files[i].f.header.seqnum_id;
+            if let Some((prev, _)) = last.replace((e, id)) {
+                self.files[i].spare = Some(prev);
+            }
             if out.data.len() >= limit || out.entries.len() >= MAX_ENTRIES {
                 full = true;
                 break;
@@ -335,20 +352,65 @@ impl ChainReader {
                 o.done = true;
             }
         }
-        out.caught_up = !full && self.behind;
+        out.caught_up = !full && !out.rescan && self.behind;
         self.behind = full;
         out.consumed = self.consumed;
         out.cursor = last.map(|(e, id)| file::cursor(&id, &e));
         out
+    }
+
+    /// Reads ahead the next entry of each file that has none. An entry that cannot be read is
+    /// counted lost and passed; a file whose structure is damaged is given up (its unread
+    /// entries counted).
+    fn peek(&mut self, out: &mut Read) {
+        for o in self
+            .files
+            .iter_mut()
+            .filter(|o| !o.done && o.peeked.is_none())
+        {
+            while o.f.unread() > 0 {
+                let mut e = o.spare.take().unwrap_or_default();
+                match o.f.next(&mut e) {
+                    Ok(true) => {
+                        o.peeked = Some(e);
+                        break;
+                    }
+                    Ok(false) => break,
+                    Err(file::Error::BadEntry(at, why)) => {
+                        out.lost += 1;
+                        out.errors
+                            .push((o.f.path.clone(), format!("entry at {at}: {why}")));
+                    }
+                    Err(err) => {
+                        out.errors.push((o.f.path.clone(), err.to_string()));
+                        out.lost += o.f.unread();
+                        o.done = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The seqnum and file of the lowest entry read ahead.
+    fn lowest(&self) -> Option<(u64, usize)> {
+        self.files
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| o.peeked.as_ref().map(|e| (e.seqnum, i)))
+            .min()
     }
 }
 
 /// Adds a selected entry to a read.
 fn add(out: &mut Read, e: &file::Entry, select: &Select, max_line: usize) {
     out.records += 1;
-    let message = e.message.as_deref().unwrap_or_default();
+    let message = e.message().unwrap_or_default();
     out.bytes += message.len() as u64;
-    let text = String::from_utf8_lossy(message);
+    let text = match std::str::from_utf8(message) {
+        Ok(t) => std::borrow::Cow::Borrowed(t),
+        Err(_) => String::from_utf8_lossy(message),
+    };
     let mut text: &str = &text;
     if text.len() > max_line {
         let mut cut = max_line;
@@ -365,9 +427,9 @@ fn add(out: &mut Read, e: &file::Entry, select: &Select, max_line: usize) {
         .unwrap_or(i64::MAX / 1000)
         .saturating_mul(1000);
     out.entries.push(entry);
-    for (i, v) in &e.fields {
-        if (*i as usize) < select.given {
-            out.given.push(*i, v);
+    for (i, v) in e.fields() {
+        if (i as usize) < select.given {
+            out.given.push(i, v);
         }
     }
     out.given.next_entry();
@@ -441,6 +503,9 @@ impl Source {
                 continue;
             }
             let f = match JournalFile::open(&path, &self.select.wanted) {
+                // journald sets a new file's seqnum id with its first entry: until then, the
+                // file cannot be placed in its journal.
+                Ok(f) if f.header.n_entries == 0 => continue,
                 Ok(f) => f,
                 // Being created: its header is not written yet.
                 Err(file::Error::NotJournal) if meta.len() < 4096 => continue,
@@ -480,23 +545,23 @@ impl Source {
             chain.files.push(Open {
                 f,
                 peeked: None,
+                spare: None,
                 positioned: false,
                 done: false,
             });
         }
-        // Files gone from the directories and read to their end are let go; so are files
-        // damaged or unusable.
+        // A file is let go once it failed, or once it is read to its end and journald will
+        // not write it again (archived) or it was deleted (vacuumed, wiped). A file renamed by
+        // a rotation while the directory was listed is still open under its old key.
         for c in &mut self.chains {
             c.files.retain(|o| {
-                let key = (o.f.dev, o.f.ino);
-                let gone = !present.contains(&key);
                 let drained = o.f.unread() == 0 && o.peeked.is_none();
-                let keep = !(o.done || gone && drained);
-                if !keep && gone {
-                    self.known.remove(&key);
-                }
-                keep
+                let deleted = o.f.deleted();
+                !(o.done || drained && deleted)
             });
+            for o in &c.files {
+                present.insert((o.f.dev, o.f.ino));
+            }
         }
         self.known.retain(|k| present.contains(k));
         // A journal whose files are all gone (the volatile one after the flush at boot, a
@@ -610,6 +675,10 @@ pub(crate) async fn run(
             source.chains[c] = reader;
             let chain = source.chains[c].chain.clone();
             report(&tailer, &name, &read);
+            if read.rescan {
+                last_scan = None;
+                busy = true;
+            }
             if read.consumed == chain_position(&chain) {
                 continue;
             }

@@ -186,7 +186,7 @@ impl Builder<'_> {
             None => Err(self.err(
                 key,
                 format!(
-                    "field {name:?} is produced by no earlier stage: add a json, logfmt or regex stage before this one that extracts it"
+                    "field {name:?} is produced by no earlier stage: add a json, logfmt or regex stage before this one that extracts it (a journal source's fields are named in journal.fields)"
                 ),
             )),
         }

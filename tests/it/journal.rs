@@ -176,6 +176,106 @@ async fn nothing_is_lost_through_kills_rotations_and_a_journald_restart() {
     // Duplicates only from the kills: each re-sends at most what was unacknowledged.
     let dups = entries.len() - TOTAL;
     assert!(dups <= KILLS * 20_000, "{dups} duplicates");
-    let lost = zt.metric("ztail_journal_entries_lost_total").await;
+    let lost = zt
+        .metric("ztail_journal_entries_lost_total{source=\"journal\"}")
+        .await;
     assert_eq!(lost, 0.0);
+}
+
+/// The seqnums of a journald's entries, oldest first, with their messages (`journalctl`).
+fn seqnums(j: &Journald) -> Vec<(u64, String)> {
+    let out = std::process::Command::new("journalctl")
+        .arg(format!("--namespace={}", j.namespace))
+        .args(["-o", "json", "-q", "--no-pager"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let cursor = v["__CURSOR"].as_str().unwrap();
+            let i = cursor
+                .split(';')
+                .find_map(|p| p.strip_prefix("i="))
+                .unwrap();
+            let message = v["MESSAGE"].as_str().unwrap_or_default().to_owned();
+            (u64::from_str_radix(i, 16).unwrap(), message)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vacuumed_entries_are_counted_and_a_wiped_journal_is_read_from_its_oldest_entry() {
+    let j = Journald::start("vacuum", "8M");
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let config = env.config(
+        &rx.url(),
+        "",
+        &journal_source(&j, "beginning", "identifiers = [\"t\"]", ""),
+    );
+    let lines = |rx: &crate::support::receiver::Receiver| -> Vec<String> {
+        let mut e = rx.entries();
+        e.sort_by_key(|e| e.timestamp_ns);
+        e.into_iter().map(|e| e.line).collect()
+    };
+    let mut zt = Ztail::start(&env, &config);
+    j.log("t", 6, "a");
+    assert!(rx.wait_for(|e| !e.is_empty(), WAIT).await, "{}", zt.log());
+    zt.terminate(Duration::from_secs(10));
+
+    // While ztail is stopped: two rotations, then the older archived file is vacuumed.
+    for i in 0..10 {
+        j.log("t", 6, &format!("b{i}"));
+    }
+    j.rotate();
+    j.log("t", 6, "c");
+    j.rotate();
+    j.log("t", 6, "d");
+    let archived = j.archived();
+    assert_eq!(archived.len(), 2, "{archived:?}");
+    let a = seqnums(&j).iter().find(|(_, m)| m == "a").expect("a").0;
+    let ok = std::process::Command::new("journalctl")
+        .arg(format!("--namespace={}", j.namespace))
+        .arg("--vacuum-files=1")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok && !archived[0].exists(), "journalctl --vacuum-files=1");
+    // "a" was shipped; every entry after it and before the oldest left was never read.
+    let oldest = seqnums(&j)[0].0;
+    let vacuumed = oldest - a - 1;
+    assert!(vacuumed >= 10, "the b entries were vacuumed");
+    zt.restart();
+    assert!(
+        rx.wait_for(|e| e.len() >= 3, WAIT).await,
+        "{:?}\n{}",
+        lines(&rx),
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(lines(&rx), ["a", "c", "d"]);
+    let lost = zt
+        .metric("ztail_journal_entries_lost_total{source=\"journal\"}")
+        .await;
+    assert_eq!(lost, vacuumed as f64, "every vacuumed entry is counted");
+
+    // The journal wiped: journald starts a new one (a new seqnum id). Its entries are read
+    // from the oldest, not from the end, although the saved cursor is of the old journal.
+    zt.terminate(Duration::from_secs(10));
+    let dir = j.dir.clone();
+    drop(j);
+    assert!(!dir.exists());
+    let j = Journald::start("vacuum", "8M");
+    assert_eq!(j.dir, dir);
+    j.log("t", 6, "e");
+    zt.restart();
+    assert!(
+        rx.wait_for(|e| e.len() >= 4, WAIT).await,
+        "{:?}\n{}",
+        lines(&rx),
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(lines(&rx), ["a", "c", "d", "e"]);
 }
