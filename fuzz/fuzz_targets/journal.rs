@@ -24,7 +24,10 @@ fuzz_target!(|data: &[u8]| {
             Err(ztail::journal::file::Error::BadEntry(..)) => seen += 1,
             Err(_) => break,
         }
-        assert!(seen <= j.header.n_entries, "more entries than the header counts");
+        assert!(
+            seen <= j.header.n_entries,
+            "more entries than the header counts"
+        );
     }
     if let Ok(mut j) = JournalFile::open(f.path(), &wanted) {
         let _ = j.seek_after(seen / 2);
