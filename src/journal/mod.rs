@@ -778,34 +778,22 @@ async fn queue(
     }
     let data = bytes::Bytes::from(data);
     let meta: Arc<[Meta]> = meta.into();
-    let previous = chain_position(chain);
-    let chunk = |sub: usize, entries: Vec<Entry>| Chunk {
-        stream: routes[sub].clone(),
-        cursor: chain.cursor.clone(),
-        data: data.clone(),
+    let position = |offset| Position {
+        offset,
+        ..Position::default()
+    };
+    let chunks = crate::pipeline::Read {
+        routes,
+        cursor: &chain.cursor,
+        data,
         entries,
-        meta: meta.clone(),
-        meta_names: meta_names.clone(),
-        end: Position {
-            offset: previous,
-            ..Position::default()
-        },
-        caught_up: false,
-    };
-    let first_sub = entries.first().map_or(0, |e| e.sub as usize);
-    let mut chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
-        vec![chunk(first_sub, entries)]
-    } else {
-        entries.sort_by_key(|e| e.sub);
-        entries
-            .chunk_by(|a, b| a.sub == b.sub)
-            .map(|run| chunk(run[0].sub as usize, run.to_vec()))
-            .collect()
-    };
-    if let Some(last) = chunks.last_mut() {
-        last.end.offset = consumed;
-        last.caught_up = caught_up;
+        meta,
+        meta_names,
+        start: position(chain_position(chain)),
+        end: position(consumed),
+        caught_up,
     }
+    .into_chunks();
     if let Some(c) = cursor {
         lock(&chain.marks).push_back((consumed, c));
     }

@@ -256,6 +256,64 @@ impl Chunk {
     }
 }
 
+/// What one read of a source became: its entries (each `sub` indexing `routes`), the data and
+/// metadata they point into, and the positions before and after the read.
+pub struct Read<'a> {
+    pub routes: &'a [Arc<Stream>],
+    pub cursor: &'a Arc<Cursor>,
+    pub data: Bytes,
+    pub entries: Vec<Entry>,
+    pub meta: Arc<[Meta]>,
+    pub meta_names: &'a Arc<[String]>,
+    pub start: Position,
+    pub end: Position,
+    pub caught_up: bool,
+}
+
+impl Read<'_> {
+    /// One chunk per stream, each keeping its entries' order. Only the last carries the read's
+    /// end (the committed position cannot pass the read until every one of them is
+    /// acknowledged) and whether the read ended a backlog; the others carry its start.
+    pub fn into_chunks(self) -> Vec<Chunk> {
+        let Read {
+            routes,
+            cursor,
+            data,
+            mut entries,
+            meta,
+            meta_names,
+            start,
+            end,
+            caught_up,
+        } = self;
+        let chunk = |sub: usize, entries: Vec<Entry>| Chunk {
+            stream: routes[sub].clone(),
+            cursor: cursor.clone(),
+            data: data.clone(),
+            entries,
+            meta: meta.clone(),
+            meta_names: meta_names.clone(),
+            end: start,
+            caught_up: false,
+        };
+        let first_sub = entries.first().map_or(0, |e| e.sub as usize);
+        let mut chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
+            vec![chunk(first_sub, entries)]
+        } else {
+            entries.sort_by_key(|e| e.sub);
+            entries
+                .chunk_by(|a, b| a.sub == b.sub)
+                .map(|run| chunk(run[0].sub as usize, run.to_vec()))
+                .collect()
+        };
+        if let Some(last) = chunks.last_mut() {
+            last.end = end;
+            last.caught_up = caught_up;
+        }
+        chunks
+    }
+}
+
 /// The chunks of one stream within a batch.
 #[derive(Debug)]
 pub struct StreamBatch {

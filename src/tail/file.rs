@@ -423,34 +423,18 @@ async fn queue(
     }
     let data = bytes::Bytes::from(data);
     let meta: Arc<[Meta]> = meta.into();
-    // Every chunk starts at the previous read's end; the last one is given this read's.
-    let chunk = |sub: usize, entries: Vec<Entry>| Chunk {
-        stream: routes[sub].clone(),
-        cursor: file.cursor.clone(),
-        data: data.clone(),
+    let chunks = crate::pipeline::Read {
+        routes,
+        cursor: &file.cursor,
+        data,
         entries,
-        meta: meta.clone(),
-        meta_names: shape.meta_names.clone(),
-        end: *last_end,
-        caught_up: false,
-    };
-    let first_sub = entries.first().map_or(0, |e| e.sub as usize);
-    let mut chunks = if entries.iter().all(|e| e.sub as usize == first_sub) {
-        vec![chunk(first_sub, entries)]
-    } else {
-        // One chunk per stream, each keeping its entries' order.
-        entries.sort_by_key(|e| e.sub);
-        entries
-            .chunk_by(|a, b| a.sub == b.sub)
-            .map(|run| chunk(run[0].sub as usize, run.to_vec()))
-            .collect::<Vec<_>>()
-    };
-    // Only the last chunk carries the new position (the file's committed position cannot pass
-    // this read until every one of them is acknowledged) and whether the read ended a backlog.
-    if let Some(last) = chunks.last_mut() {
-        last.end = lines.end;
-        last.caught_up = lines.caught_up;
+        meta,
+        meta_names: &shape.meta_names,
+        start: *last_end,
+        end: lines.end,
+        caught_up: lines.caught_up,
     }
+    .into_chunks();
     *last_end = lines.end;
     for chunk in chunks {
         // At shutdown a chunk stuck behind a full pipeline is dropped unacknowledged: it is
