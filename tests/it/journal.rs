@@ -246,15 +246,24 @@ async fn vacuumed_entries_are_counted_and_a_wiped_journal_is_read_from_its_oldes
     let oldest = seqnums(&j)[0].0;
     let vacuumed = oldest - a - 1;
     assert!(vacuumed >= 10, "the b entries were vacuumed");
+    // Which archived files journalctl removes depends on their sizes: "c" may be gone too.
+    let mut want = vec!["a".to_owned()];
+    want.extend(
+        seqnums(&j)
+            .into_iter()
+            .map(|(_, m)| m)
+            .filter(|m| m == "c" || m == "d"),
+    );
+    assert_eq!(want.last().map(String::as_str), Some("d"));
     zt.restart();
     assert!(
-        rx.wait_for(|e| e.len() >= 3, WAIT).await,
+        rx.wait_for(|e| e.len() >= want.len(), WAIT).await,
         "{:?}\n{}",
         lines(&rx),
         zt.log()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(lines(&rx), ["a", "c", "d"]);
+    assert_eq!(lines(&rx), want);
     let lost = zt
         .metric("ztail_journal_entries_lost_total{source=\"journal\"}")
         .await;
@@ -271,11 +280,12 @@ async fn vacuumed_entries_are_counted_and_a_wiped_journal_is_read_from_its_oldes
     j.log("t", 6, "e");
     zt.restart();
     assert!(
-        rx.wait_for(|e| e.len() >= 4, WAIT).await,
+        rx.wait_for(|e| e.len() > want.len(), WAIT).await,
         "{:?}\n{}",
         lines(&rx),
         zt.log()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(lines(&rx), ["a", "c", "d", "e"]);
+    want.push("e".to_owned());
+    assert_eq!(lines(&rx), want);
 }
