@@ -9,8 +9,11 @@
 //! newline; the checkpoint then names the file by device and
 //! inode with ztail's own fingerprint of its first bytes and of the bytes before the offset,
 //! taken now. Every other entry is reported with its reason, and its file starts at the
-//! source's `start_at` as at any first start. Journal cursors are reported too (ztail reads no
-//! journal yet).
+//! source's `start_at` as at any first start.
+//!
+//! A journal job's cursor (`cursor-<job>`, `journal-<job>` before Promtail 2.8) is systemd's
+//! cursor text, which ztail's journal source keeps too: it is carried over as the cursor of the
+//! source `ztail convert promtail` names after the job, which resumes strictly after it.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -20,8 +23,9 @@ use std::time::SystemTime;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::convert::promtail::source_name;
 use crate::pipeline::TAIL_LEN;
-use crate::tail::checkpoint::{Entry, StateDir};
+use crate::tail::checkpoint::{Entry, JournalEntry, StateDir};
 use crate::tail::reader::{HEAD_LEN, hash, read_head};
 
 /// What the conversion did with each position.
@@ -30,7 +34,18 @@ pub struct Report {
     /// The state directory written.
     pub state_dir: PathBuf,
     pub imported: Vec<Imported>,
+    /// Journal cursors, each for the journal source named after its job.
+    pub cursors: Vec<Cursor>,
     pub not_imported: Vec<NotImported>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Cursor {
+    /// The key in `positions.yaml`.
+    pub key: String,
+    /// The ztail source it is for.
+    pub source: String,
+    pub cursor: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,7 +122,34 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
         ..Report::default()
     };
     let mut entries: Vec<Entry> = Vec::new();
+    let mut cursors: Vec<JournalEntry> = Vec::new();
     for (key, offset) in parsed.positions {
+        if let Some(job) = key
+            .strip_prefix("cursor-")
+            .or_else(|| key.strip_prefix("journal-"))
+        {
+            match journal_cursor(&offset) {
+                Some(cursor) => {
+                    let source = source_name(job);
+                    report.cursors.push(Cursor {
+                        key: key.clone(),
+                        source: source.clone(),
+                        cursor: cursor.clone(),
+                    });
+                    cursors.push(JournalEntry {
+                        journal: source,
+                        cursor,
+                    });
+                }
+                None => report.not_imported.push(NotImported {
+                    key,
+                    reason: "a cursor that is not a journal's (a Docker container's or \
+                             Cloudflare's): ztail takes over file positions and journal cursors"
+                        .into(),
+                }),
+            }
+            continue;
+        }
         match take_over(&key, &offset, written) {
             Ok(entry) => {
                 // Two keys for one file (a hard link, or a path and its symlink): the one
@@ -144,20 +186,22 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
         })
         .collect();
     state
-        .save_imported(&entries)
+        .save_imported(&entries, &cursors)
         .with_context(|| format!("cannot write checkpoints into {}", state_dir.display()))?;
     Ok(report)
 }
 
+/// A position that is systemd's cursor text.
+fn journal_cursor(offset: &Offset) -> Option<String> {
+    let Offset::Text(t) = offset else {
+        return None;
+    };
+    let t = t.trim();
+    (t.len() <= 512 && crate::journal::file::parse_cursor(t).is_some()).then(|| t.to_owned())
+}
+
 /// The checkpoint of one position, or why it cannot be taken over.
 fn take_over(key: &str, offset: &Offset, written: SystemTime) -> Result<Entry, String> {
-    if key.starts_with("journal-") || key.starts_with("cursor-") {
-        return Err(
-            "a cursor (a journal's, a Docker container's or Cloudflare's): ztail takes over file \
-             positions only"
-                .into(),
-        );
-    }
     let path = Path::new(key);
     if !path.is_absolute() {
         return Err(
@@ -231,12 +275,18 @@ impl Report {
     pub fn summary(&self) -> String {
         let mut out = format!(
             "imported {} of {} positions into {}\n",
-            self.imported.len(),
-            self.imported.len() + self.not_imported.len(),
+            self.imported.len() + self.cursors.len(),
+            self.imported.len() + self.cursors.len() + self.not_imported.len(),
             self.state_dir.display()
         );
         for i in &self.imported {
             out += &format!("  {} from offset {}\n", i.path, i.offset);
+        }
+        for c in &self.cursors {
+            out += &format!(
+                "  {}: the journal source {:?} resumes after {}\n",
+                c.key, c.source, c.cursor
+            );
         }
         if !self.not_imported.is_empty() {
             out += "not imported (a file among these starts at its source's start_at, unless \

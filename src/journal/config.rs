@@ -50,7 +50,7 @@ impl JournalConfig {
 
 /// Journal field names: what journald accepts (`A-Z`, `0-9`, `_`, not starting with a digit),
 /// at most 64 bytes.
-fn valid_field(name: &str) -> bool {
+pub fn valid_field(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(|c: char| c.is_ascii_digit())

@@ -181,8 +181,8 @@ impl StateDir {
     /// Writes positions taken over from another shipper as the checkpoint file of a ztail
     /// that has not started yet: at its first start, these files resume at their positions
     /// and every other file starts at `start_at`.
-    pub fn save_imported(&self, entries: &[Entry]) -> io::Result<()> {
-        self.write(&render(HEADER_IMPORTED, entries, &[]))
+    pub fn save_imported(&self, entries: &[Entry], journal: &[JournalEntry]) -> io::Result<()> {
+        self.write(&render(HEADER_IMPORTED, entries, journal))
     }
 
     /// Whether the checkpoint file is where it should be (a cleanup job may have removed it,
@@ -514,7 +514,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::open(tmp.path()).unwrap();
         assert!(!state.is_intact());
-        state.save_imported(&[entry(1, 100)]).unwrap();
+        state.save_imported(&[entry(1, 100)], &[]).unwrap();
         assert!(state.is_imported());
         let loaded = state.load();
         assert!(loaded.first_start, "other files start at start_at");

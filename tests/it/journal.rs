@@ -289,3 +289,182 @@ async fn vacuumed_entries_are_counted_and_a_wiped_journal_is_read_from_its_oldes
     want.push("e".to_owned());
     assert_eq!(lines(&rx), want);
 }
+
+/// Promtail's journal cursor (`cursor-<job>` in its positions file) taken over by `ztail convert
+/// promtail-positions`: the source named after the job resumes strictly after it, although
+/// `start_at = "end"` would skip everything on a first start without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promtail_journal_cursor_is_taken_over() {
+    let j = Journald::start("cursor", "8M");
+    let env = Env::new();
+    for m in ["p1", "p2", "p3"] {
+        j.log("app", 6, m);
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    let written = loop {
+        let out = std::process::Command::new("journalctl")
+            .arg(format!("--namespace={}", j.namespace))
+            .args(["-o", "json", "-q", "--no-pager", "-t", "app"])
+            .output()
+            .unwrap();
+        let v: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if v.len() >= 3 {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "journald wrote {v:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(written[1]["MESSAGE"], "p2");
+    let cursor = written[1]["__CURSOR"].as_str().unwrap().to_owned();
+    // As Promtail writes it for `job_name: journal`.
+    std::fs::write(
+        env.path("positions.yaml"),
+        format!("positions:\n  cursor-journal: \"{cursor}\"\n  cursor-docker: \"1700000000\"\n"),
+    )
+    .unwrap();
+    let converted = std::process::Command::new(env!("CARGO_BIN_EXE_ztail"))
+        .args(["convert", "promtail-positions"])
+        .arg(env.path("positions.yaml"))
+        .arg("--state-dir")
+        .arg(env.path("state"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&converted.stderr);
+    assert!(converted.status.success(), "{said}");
+    assert!(said.contains("imported 1 of 2 positions"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "the journal source \"journal\" resumes after {cursor}"
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains("cursor-docker: a cursor that is not a journal's"),
+        "{said}"
+    );
+
+    let rx = env.receiver(LOKI_ID).await;
+    let config = env.config(
+        &rx.url(),
+        "",
+        &journal_source(&j, "end", r#"identifiers = ["app"]"#, ""),
+    );
+    let zt = Ztail::start(&env, &config);
+    j.log("app", 6, "p4");
+    assert!(
+        rx.wait_for(|e| e.len() >= 2, WAIT).await,
+        "{:?}\n{}",
+        rx.entries(),
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut entries = rx.entries();
+    entries.sort_by_key(|e| e.timestamp_ns);
+    let lines: Vec<&str> = entries.iter().map(|e| e.line.as_str()).collect();
+    assert_eq!(lines, ["p3", "p4"]);
+}
+
+/// A Promtail journal job converted by `ztail convert promtail` ships what Promtail would have:
+/// its matches select, its relabelled journal fields become labels, a relabel `drop` drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_converted_promtail_journal_job_ships_what_promtail_would() {
+    let j = Journald::start("convert", "8M");
+    let env = Env::new();
+    let promtail = format!(
+        r#"clients:
+  - url: https://loki.example/loki/api/v1/push
+scrape_configs:
+  - job_name: node journal
+    journal:
+      path: {}
+      max_age: 12h
+      labels:
+        job: systemd-journal
+      matches: SYSLOG_IDENTIFIER=app SYSLOG_IDENTIFIER=web
+    relabel_configs:
+      - source_labels: ['__journal_syslog_identifier']
+        target_label: ident
+      - source_labels: ['__journal_priority_keyword']
+        target_label: level
+      - source_labels: ['__journal_priority']
+        regex: '7'
+        action: drop
+      - source_labels: ['__journal_my_field']
+        target_label: custom
+"#,
+        j.dir.display()
+    );
+    std::fs::write(env.path("promtail.yaml"), promtail).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ztail"))
+        .args(["convert", "promtail"])
+        .arg(env.path("promtail.yaml"))
+        .arg("-o")
+        .arg(env.path("converted.toml"))
+        .args(["--peer-id", LOKI_ID])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("journal.max_age"), "{said}");
+    assert!(said.contains("not Promtail's keyword"), "{said}");
+    let converted = std::fs::read_to_string(env.path("converted.toml")).unwrap();
+    // The converted sources, under the test's own identity and sink.
+    let sources = &converted[converted.find("[[sources]]").expect("a source")..];
+
+    j.log("app", 6, "a1");
+    j.log("web", 3, "w1");
+    j.log("other", 6, "not matched");
+    j.log("app", 7, "dropped by the relabelling");
+    j.send(&[
+        ("MESSAGE", b"c1"),
+        ("SYSLOG_IDENTIFIER", b"app"),
+        ("PRIORITY", b"5"),
+        ("MY_FIELD", b"x"),
+    ]);
+    let rx = env.receiver(LOKI_ID).await;
+    let zt = Ztail::start(&env, &env.config(&rx.url(), "", sources));
+    assert!(
+        rx.wait_for(|e| e.len() >= 3, WAIT).await,
+        "{:?}\n{sources}\n{}",
+        rx.entries(),
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut entries = rx.entries();
+    entries.sort_by_key(|e| e.timestamp_ns);
+    let got: Vec<(&str, Vec<(&str, &str)>)> = entries
+        .iter()
+        .map(|e| {
+            let labels = ["job", "ident", "level", "custom"]
+                .into_iter()
+                .filter_map(|k| e.labels.get(k).map(|v| (k, v.as_str())))
+                .collect();
+            (e.line.as_str(), labels)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "a1",
+                vec![("job", "systemd-journal"), ("ident", "app"), ("level", "6")]
+            ),
+            (
+                "w1",
+                vec![("job", "systemd-journal"), ("ident", "web"), ("level", "3")]
+            ),
+            (
+                "c1",
+                vec![
+                    ("job", "systemd-journal"),
+                    ("ident", "app"),
+                    ("level", "5"),
+                    ("custom", "x")
+                ]
+            ),
+        ]
+    );
+}

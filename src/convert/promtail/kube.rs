@@ -155,15 +155,9 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
     for (i, r) in sc.relabel_configs.iter().enumerate() {
         let rat = format!("{at}.relabel_configs[{i}]");
         c.report.rest(&rat, &r.rest, |_| None);
-        let action = r
-            .action
-            .as_deref()
-            .unwrap_or("replace")
-            .to_ascii_lowercase();
-        let regex = r.regex.as_deref().unwrap_or("(.*)");
-        let replacement = r.replacement.as_deref().unwrap_or("$1");
-        let default_regex = matches!(regex, "(.*)" | "^(.*)$" | ".*" | "(.+)");
-        let plain_replacement = matches!(replacement, "$1" | "${1}");
+        let action = r.action();
+        let (regex, replacement) = (r.regex(), r.replacement());
+        let (default_regex, plain_replacement) = (r.takes_all(), r.plain_replacement());
         match action.as_str() {
             "replace" => {
                 let Some(target) = r.target_label.as_deref() else {

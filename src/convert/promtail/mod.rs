@@ -8,6 +8,7 @@
 //! `ztail check`.
 
 mod env;
+mod journal;
 mod kube;
 mod model;
 mod out;
@@ -39,6 +40,25 @@ impl Default for Options {
             peer_id: None,
             expand_env: false,
         }
+    }
+}
+
+/// The ztail source name for a Promtail job (the first of its name; later ones get `-2`...).
+pub fn source_name(job: &str) -> String {
+    let base: String = job
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if base.is_empty() {
+        "job".to_owned()
+    } else {
+        base
     }
 }
 
@@ -322,9 +342,6 @@ fn tls_reason(key: &str) -> Option<&'static str> {
 
 fn scrape_reason(key: &str) -> Option<&'static str> {
     Some(match key {
-        "journal" => {
-            "ztail does not read the systemd journal yet; ship the journal with another agent until it does"
-        }
         "syslog" => "ztail receives no syslog; have rsyslog or journald write files ztail tails",
         "loki_push_api" => "ztail receives no pushes; it tails files",
         "windows_events" => "ztail runs on Linux and tails files",
@@ -587,21 +604,7 @@ impl Converter<'_> {
 
     /// A unique source name from a job name.
     fn name(&mut self, job: &str) -> String {
-        let base: String = job
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let base = if base.is_empty() {
-            "job".to_owned()
-        } else {
-            base
-        };
+        let base = source_name(job);
         let mut name = base.clone();
         let mut n = 2;
         while !self.taken_names.insert(name.clone()) {
@@ -650,6 +653,15 @@ impl Converter<'_> {
 
     fn scrape(&mut self, at: &str, sc: &ScrapeConfig) -> Vec<Source> {
         self.report.rest(at, &sc.rest, scrape_reason);
+        if let Some(j) = &sc.journal {
+            if !sc.static_configs.is_empty() || !sc.kubernetes_sd_configs.is_empty() {
+                self.report.not_converted(
+                    at,
+                    "a job with a journal and other targets: only its journal was converted; give the files a job of their own",
+                );
+            }
+            return journal::source(self, at, sc, j).into_iter().collect();
+        }
         let mut sources = Vec::new();
         if !sc.kubernetes_sd_configs.is_empty() {
             if let Some(s) = kube::source(self, at, sc) {

@@ -89,6 +89,22 @@ pub struct ScrapeConfig {
     pub kubernetes_sd_configs: Vec<KubernetesSd>,
     #[serde(default)]
     pub relabel_configs: Vec<Relabel>,
+    pub journal: Option<Journal>,
+    #[serde(flatten)]
+    pub rest: Rest,
+}
+
+/// A `journal` target: systemd's journal through libsystemd.
+#[derive(Deserialize)]
+pub struct Journal {
+    pub max_age: Option<Duration>,
+    #[serde(default)]
+    pub json: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub path: Option<String>,
+    /// `FIELD=value` terms separated by spaces (`+` for a disjunction), as `journalctl` takes.
+    pub matches: Option<String>,
     #[serde(flatten)]
     pub rest: Rest,
 }
@@ -119,6 +135,34 @@ pub struct Relabel {
     pub action: Option<String>,
     #[serde(flatten)]
     pub rest: Rest,
+}
+
+impl Relabel {
+    /// The action, lower case (`replace` when not given, as in Prometheus).
+    pub fn action(&self) -> String {
+        self.action
+            .as_deref()
+            .unwrap_or("replace")
+            .to_ascii_lowercase()
+    }
+
+    pub fn regex(&self) -> &str {
+        self.regex.as_deref().unwrap_or("(.*)")
+    }
+
+    /// Whether the regex takes a value whole (the default, or what configs write for it).
+    pub fn takes_all(&self) -> bool {
+        matches!(self.regex(), "(.*)" | "^(.*)$" | ".*" | "(.+)")
+    }
+
+    pub fn replacement(&self) -> &str {
+        self.replacement.as_deref().unwrap_or("$1")
+    }
+
+    /// Whether the replacement is the first group as it is.
+    pub fn plain_replacement(&self) -> bool {
+        matches!(self.replacement(), "$1" | "${1}")
+    }
 }
 
 /// A Go or Prometheus duration (`1s`, `500ms`, `1m30s`), kept as written.

@@ -69,6 +69,8 @@ pub struct Source {
     pub table: Table,
     /// Static labels, each with its origin.
     pub labels: Vec<Item>,
+    /// `[sources.journal]`: a journal source.
+    pub journal: Option<Table>,
     pub multiline: Option<Table>,
     pub timestamp: Option<Table>,
     pub stages: Vec<Table>,
@@ -140,6 +142,9 @@ impl Doc {
                     ));
                     render_item(&mut out, item);
                 }
+            }
+            if let Some(j) = &s.journal {
+                table(&mut out, "[sources.journal]", j);
             }
             if let Some(m) = &s.multiline {
                 table(&mut out, "[sources.multiline]", m);

@@ -356,3 +356,117 @@ fn a_password_in_the_url_is_left_out_and_reported() {
     );
     assert!(!format!("{:?}", c.report).contains("s3cret"));
 }
+
+#[test]
+fn a_journal_job_becomes_a_journal_source() {
+    let c = conv(&format!(
+        r#"{CLIENT}scrape_configs:
+  - job_name: journal
+    journal:
+      path: /var/log/journal
+      labels:
+        job: systemd-journal
+      matches: _SYSTEMD_UNIT=kubelet.service _SYSTEMD_UNIT=containerd.service SYSLOG_IDENTIFIER=sshd _TRANSPORT=kernel
+    relabel_configs:
+      - source_labels: ['__journal__systemd_unit']
+        target_label: unit
+      - source_labels: ['__journal__hostname']
+        target_label: __tmp
+      - source_labels: ['__tmp']
+        target_label: node
+      - source_labels: ['__journal__comm']
+        regex: 'sshd|kubelet'
+        action: keep
+      - source_labels: ['__journal_priority_keyword']
+        target_label: level
+      - regex: '__journal_(.+)'
+        action: labelmap
+"#
+    ));
+    let cfg = crate::config::Config::parse(Path::new("ztail.toml"), &c.toml)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.toml));
+    let s = &cfg.sources[0];
+    let j = s.journal.as_ref().expect("a journal source");
+    assert_eq!(j.directories, [Path::new("/var/log/journal")]);
+    assert_eq!(j.units, ["kubelet.service", "containerd.service"]);
+    assert_eq!(j.identifiers, ["sshd"]);
+    let mut fields = j.fields.clone();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            ("comm", "_COMM"),
+            ("level", "PRIORITY"),
+            ("node", "_HOSTNAME"),
+            ("transport", "_TRANSPORT"),
+            ("unit", "_SYSTEMD_UNIT"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    // The match on _TRANSPORT, the keep on _COMM, then the labels.
+    assert!(
+        c.toml
+            .contains("type = \"keep\"\nfield = \"transport\"\nvalue = \"^(?:kernel)$\""),
+        "{}",
+        c.toml
+    );
+    assert!(
+        c.toml
+            .contains("type = \"keep\"\nfield = \"comm\"\nvalue = \"^(?:sshd|kubelet)$\""),
+        "{}",
+        c.toml
+    );
+    assert!(
+        c.toml
+            .contains("set = { level = \"level\", node = \"node\", unit = \"unit\" }"),
+        "{}",
+        c.toml
+    );
+    let has = |list: &[Note], path: &str, what: &str| {
+        list.iter()
+            .any(|n| n.path == path && n.reason.contains(what))
+    };
+    assert!(has(
+        &c.report.not_converted,
+        "scrape_configs[0].relabel_configs[5]",
+        "journal.fields"
+    ));
+    assert!(has(
+        &c.report.changed,
+        "scrape_configs[0].relabel_configs[4]",
+        "keyword"
+    ));
+    assert!(has(
+        &c.report.changed,
+        "scrape_configs[0].journal.matches",
+        "UNIT"
+    ));
+    assert!(has(&c.report.changed, "scrape_configs[0].journal", "7h"));
+}
+
+#[test]
+fn journal_jobs_ztail_cannot_express_are_reported() {
+    // A disjunction of matches, and a job whose entries get no label (Promtail ships nothing).
+    let e = convert(
+        "promtail.yaml",
+        &format!(
+            "{CLIENT}scrape_configs:\n  - job_name: j\n    journal:\n      matches: _SYSTEMD_UNIT=a.service + SYSLOG_IDENTIFIER=b\n"
+        ),
+        Path::new("ztail.toml"),
+        &Options::default(),
+    )
+    .expect_err("refused: nothing to ship");
+    let report = e.report.expect("a report");
+    assert!(
+        report
+            .not_converted
+            .iter()
+            .any(|n| n.path == "scrape_configs[0].journal.matches" && n.reason.contains("(+)"))
+    );
+    assert!(
+        report
+            .not_converted
+            .iter()
+            .any(|n| n.path == "scrape_configs[0]" && n.reason.contains("no label"))
+    );
+}
