@@ -5,7 +5,10 @@
 //! runs against the file run before each; checks that every entry arrived exactly once (count
 //! and digest).
 //!
-//!   cargo bench --bench journal -- [ENTRIES]
+//!   cargo bench --bench journal -- [ENTRIES] [reader | journal-only]
+//!
+//! `reader` stops after timing ztail's journal reader alone (in this process); `journal-only`
+//! runs the journal case once, for a profiler.
 //!
 //! Default 500,000 entries (about 100 MB). Needs root: it runs `systemd-journald` in a
 //! namespace of its own. Under `cargo test` (debug build) it runs 2,000 entries, to keep the
@@ -87,8 +90,28 @@ fn main() {
         profile()
     );
     let gib = bytes as f64 / (1u64 << 30) as f64;
+    // The reader alone, in this process: what the journal costs beyond a file's pipeline.
+    for _ in 0..2 {
+        let (cpu, read) = read_alone(&journald);
+        assert_eq!(read, n, "the reader alone found other entries");
+        println!(
+            "  reader alone: {:.2} s ({:.2} s per GiB of messages, {:.2} µs per entry)",
+            cpu,
+            cpu / gib,
+            cpu * 1e6 / n as f64
+        );
+    }
+    if args.iter().any(|a| a == "reader") {
+        return;
+    }
     let mut base: Option<f64> = None;
-    for case in ["file", "journal", "file", "journal"] {
+    // `journal-only`: the journal case once (for a profiler).
+    let cases: &[&str] = if args.iter().any(|a| a == "journal-only") {
+        &["journal"]
+    } else {
+        &["file", "journal", "file", "journal"]
+    };
+    for &case in cases {
         let run = drive(case, &journald, n, sum);
         let per_gib = run.cpu / gib;
         let against = match (case, base) {
@@ -107,6 +130,33 @@ fn main() {
             run.peak
         );
     }
+}
+
+/// Reads every file of the bench's journal with ztail's reader, as the source does: returns the
+/// CPU seconds a pass took and the entries with the bench's identifier.
+fn read_alone(journald: &Journald) -> (f64, usize) {
+    let mut files = journald.archived();
+    files.push(journald.dir.join("system.journal"));
+    let wanted = ["SYSLOG_IDENTIFIER".to_owned()];
+    // Five passes: the CPU clock ticks in hundredths of a second.
+    const PASSES: usize = 5;
+    let before = cpu_seconds(std::process::id());
+    let mut entry = ztail::journal::file::Entry::default();
+    let mut n = 0;
+    for _ in 0..PASSES {
+        for path in &files {
+            let mut f = ztail::journal::file::JournalFile::open(path, &wanted).unwrap();
+            while f.next(&mut entry).unwrap() {
+                if entry.field(0) == Some(b"bench") && entry.message().is_some() {
+                    n += 1;
+                }
+            }
+        }
+    }
+    (
+        (cpu_seconds(std::process::id()) - before) / PASSES as f64,
+        n / PASSES,
+    )
 }
 
 fn drive(case: &str, journald: &Journald, n: usize, sum: u64) -> Run {

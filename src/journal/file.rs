@@ -57,8 +57,8 @@ pub const STATE_ARCHIVED: u8 = 2;
 
 const BLOCK: u64 = 64 << 10;
 const BLOCKS: usize = 4;
-/// Data objects whose field is known, per file; past it the map starts over.
-const KINDS: usize = 1 << 16;
+/// Slots of the table of data objects whose field is known, per file (8 bytes each).
+const KNOWN_SLOTS_LOG2: u32 = 14;
 /// The largest decompressed field ztail accepts (journald's own default limit on a field is
 /// far below it).
 const MAX_FIELD: usize = 64 << 20;
@@ -148,6 +148,36 @@ impl std::hash::Hasher for OffsetHasher {
 
 type OffsetMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<OffsetHasher>>;
 
+/// What is known of data objects, by offset: a direct-mapped table, one probe per item of an
+/// entry (two hash map lookups were the largest part of reading an entry). A slot holds the
+/// object's offset (a multiple of 8) with a tag in its low bits; an object whose slot another
+/// took is read again, which costs time, never correctness.
+struct Known(Box<[u64]>);
+
+/// Tags of [`Known`]: not a field the source reads; a wanted field whose value is in `values`.
+const KNOWN_OTHER: u64 = 1;
+const KNOWN_VALUE: u64 = 2;
+
+impl Known {
+    fn new() -> Known {
+        Known(vec![0; 1 << KNOWN_SLOTS_LOG2].into_boxed_slice())
+    }
+
+    fn slot(at: u64) -> usize {
+        ((at >> 3).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - KNOWN_SLOTS_LOG2)) as usize
+    }
+
+    /// The tag of the object at `at`, or 0 when it is not known.
+    fn get(&self, at: u64) -> u64 {
+        let s = self.0[Self::slot(at)];
+        if s & !7 == at { s & 7 } else { 0 }
+    }
+
+    fn set(&mut self, at: u64, tag: u64) {
+        self.0[Self::slot(at)] = at | tag;
+    }
+}
+
 /// A wanted field's value kept by its data object's offset, up to this size, and how many.
 const CACHED_VALUE: usize = 256;
 const CACHED_VALUES: usize = 4096;
@@ -178,7 +208,7 @@ pub struct JournalFile {
     /// The file's length at the last [`refresh`](Self::refresh): no object lies beyond it.
     len: u64,
     cache: Cache,
-    kinds: OffsetMap<u16>,
+    known: Known,
     /// Values of wanted fields (not `MESSAGE`) by data object: they repeat across entries.
     values: OffsetMap<(u16, Box<[u8]>)>,
     /// Wanted journal fields, each with its `=`: `_SYSTEMD_UNIT=`.
@@ -198,6 +228,8 @@ pub struct JournalFile {
 struct Cache {
     blocks: Vec<(u64, Vec<u8>, u64)>,
     tick: u64,
+    /// The block read last: most reads fall into it.
+    last: usize,
     spill: Vec<u8>,
 }
 
@@ -224,6 +256,13 @@ impl Cache {
             }
             return Ok(&self.spill);
         }
+        if self.blocks.get(self.last).is_some_and(|b| b.0 == first) {
+            let start = (at - first * BLOCK) as usize;
+            return self.blocks[self.last]
+                .1
+                .get(start..start + len)
+                .ok_or(Error::Damaged(at, "object beyond the end of the file"));
+        }
         self.tick += 1;
         let i = match self.blocks.iter().position(|b| b.0 == first) {
             Some(i) => i,
@@ -245,6 +284,7 @@ impl Cache {
             }
         };
         let tick = self.tick;
+        self.last = i;
         let b = &mut self.blocks[i];
         b.2 = tick;
         let start = (at - first * BLOCK) as usize;
@@ -293,7 +333,7 @@ impl JournalFile {
             },
             len: meta.len(),
             cache: Cache::default(),
-            kinds: OffsetMap::default(),
+            known: Known::new(),
             values: OffsetMap::default(),
             wanted: wanted
                 .iter()
@@ -547,12 +587,15 @@ impl JournalFile {
             });
         }
         for &data in &items {
-            if self.kinds.get(&data) == Some(&OTHER) {
-                continue;
-            }
-            if let Some((i, v)) = self.values.get(&data) {
-                out.push_field(*i, v);
-                continue;
+            match self.known.get(data) {
+                KNOWN_OTHER => continue,
+                KNOWN_VALUE => {
+                    if let Some((i, v)) = self.values.get(&data) {
+                        out.push_field(*i, v);
+                        continue;
+                    }
+                }
+                _ => {}
             }
             self.data(data, out)?;
         }
@@ -578,7 +621,7 @@ impl JournalFile {
                 // journald stamps each native entry with its own source time: an object that
                 // never repeats is not worth remembering.
                 if !head.starts_with(b"_SOURCE_") {
-                    self.remember(at, OTHER);
+                    self.known.set(at, KNOWN_OTHER);
                 }
                 self.entry_buf = value;
                 return Ok(());
@@ -609,14 +652,14 @@ impl JournalFile {
                     .map_err(|why| Error::Damaged(at, why))?;
             if !whole {
                 // Not wanted, or an lz4 field larger than ztail reads: passed over.
-                self.remember(at, OTHER);
+                self.known.set(at, KNOWN_OTHER);
                 self.entry_buf = value;
                 return Ok(());
             }
         }
         let kind = kind_of(&value, &self.wanted);
         match kind {
-            OTHER => self.remember(at, OTHER),
+            OTHER => self.known.set(at, KNOWN_OTHER),
             MESSAGE => {
                 out.message.clear();
                 out.message.extend_from_slice(&value[b"MESSAGE=".len()..]);
@@ -630,18 +673,12 @@ impl JournalFile {
                         self.values.clear();
                     }
                     self.values.insert(at, (i, v.into()));
+                    self.known.set(at, KNOWN_VALUE);
                 }
             }
         }
         self.entry_buf = value;
         Ok(())
-    }
-
-    fn remember(&mut self, at: u64, kind: u16) {
-        if self.kinds.len() >= KINDS {
-            self.kinds.clear();
-        }
-        self.kinds.insert(at, kind);
     }
 }
 

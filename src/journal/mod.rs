@@ -273,7 +273,8 @@ impl ChainReader {
     /// Reads entries in seqnum order up to `limit` bytes of lines.
     fn read(&mut self, select: &Select, limit: usize, max_line: usize) -> Read {
         let mut out = Read {
-            data: Vec::with_capacity(limit.min(64 << 10)),
+            // Room for the limit and the entry that crosses it: growing copies the lines.
+            data: Vec::with_capacity(limit + (64 << 10)),
             entries: Vec::new(),
             given: Given::default(),
             consumed: self.consumed,
