@@ -11,7 +11,7 @@
 //! taken now. Every other entry is reported with its reason, and its file starts at the
 //! source's `start_at` as at any first start.
 //!
-//! A journal job's cursor (`cursor-<job>`, `journal-<job>` before Promtail 2.8) is systemd's
+//! A journal job's cursor (`cursor-<job>`, `journal-<job>` in older Promtail) is systemd's
 //! cursor text, which ztail's journal source keeps too: it is carried over as the cursor of the
 //! source `ztail convert promtail` names after the job, which resumes strictly after it.
 
@@ -122,25 +122,21 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
         ..Report::default()
     };
     let mut entries: Vec<Entry> = Vec::new();
-    let mut cursors: Vec<JournalEntry> = Vec::new();
     for (key, offset) in parsed.positions {
         if let Some(job) = key
             .strip_prefix("cursor-")
             .or_else(|| key.strip_prefix("journal-"))
         {
-            match journal_cursor(&offset) {
-                Some(cursor) => {
-                    let source = source_name(job);
-                    report.cursors.push(Cursor {
-                        key: key.clone(),
-                        source: source.clone(),
-                        cursor: cursor.clone(),
-                    });
-                    cursors.push(JournalEntry {
-                        journal: source,
-                        cursor,
-                    });
-                }
+            let entry = journal_cursor(&offset).map(|cursor| JournalEntry {
+                journal: source_name(job),
+                cursor,
+            });
+            match entry.filter(JournalEntry::is_bounded) {
+                Some(e) => report.cursors.push(Cursor {
+                    key,
+                    source: e.journal,
+                    cursor: e.cursor,
+                }),
                 None => report.not_imported.push(NotImported {
                     key,
                     reason: "a cursor that is not a journal's (a Docker container's or \
@@ -185,6 +181,14 @@ pub fn convert(positions: &Path, state_dir: &Path, force: bool) -> anyhow::Resul
             offset: e.offset,
         })
         .collect();
+    let cursors: Vec<JournalEntry> = report
+        .cursors
+        .iter()
+        .map(|c| JournalEntry {
+            journal: c.source.clone(),
+            cursor: c.cursor.clone(),
+        })
+        .collect();
     state
         .save_imported(&entries, &cursors)
         .with_context(|| format!("cannot write checkpoints into {}", state_dir.display()))?;
@@ -197,7 +201,7 @@ fn journal_cursor(offset: &Offset) -> Option<String> {
         return None;
     };
     let t = t.trim();
-    (t.len() <= 512 && crate::journal::file::parse_cursor(t).is_some()).then(|| t.to_owned())
+    crate::journal::file::parse_cursor(t).map(|_| t.to_owned())
 }
 
 /// The checkpoint of one position, or why it cannot be taken over.

@@ -63,7 +63,8 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
-    fn is_bounded(&self) -> bool {
+    /// Whether it fits the bounds a checkpoint line is loaded with.
+    pub fn is_bounded(&self) -> bool {
         self.journal.len() <= 1024 && self.cursor.len() <= 512
     }
 }

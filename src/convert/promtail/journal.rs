@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::model::{Journal, ScrapeConfig};
-use super::out::{Item, Source, Table, strings};
+use super::out::{Item, Source, Table, inline, strings};
 use super::{Converter, stages};
 use crate::journal::config::valid_field;
 
@@ -82,26 +82,15 @@ pub(super) fn source(
     }
 
     if !given.fields.is_empty() {
-        let fields: toml::map::Map<String, toml::Value> = given
-            .fields
-            .iter()
-            .map(|(name, field)| (name.clone(), toml::Value::String(field.clone())))
-            .collect();
-        table.set("fields", toml::Value::Table(fields)).note =
+        table.set("fields", inline(given.fields)).note =
             Some("the journal fields the stages below read, by the names they use".into());
     }
     if !labels.is_empty() {
         let mut t = Table::new(format!("promtail: {at}.relabel_configs"));
         t.set("type", "labels");
-        let set: toml::map::Map<String, toml::Value> = labels
-            .iter()
-            .map(|(label, field)| (label.clone(), toml::Value::String(field.clone())))
-            .collect();
-        t.set("set", toml::Value::Table(set));
-        c.report.changed(
-            format!("{at}.relabel_configs"),
-            "ztail keeps at most 100 values per label and source (later values go to structured metadata, counted): set max_values to change it",
-        );
+        t.set("set", inline(labels.clone()));
+        c.report
+            .changed(format!("{at}.relabel_configs"), stages::MAX_VALUES_CHANGED);
         s.stages.push(t);
     }
 

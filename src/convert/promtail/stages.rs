@@ -42,6 +42,9 @@ struct Job<'c, 'a> {
     written: usize,
 }
 
+/// What a converted `labels` stage changes: ztail's cardinality guard.
+pub(super) const MAX_VALUES_CHANGED: &str = "ztail keeps at most 100 values per label and source (later values go to structured metadata, counted): set max_values to change it";
+
 pub(super) fn pipeline(
     c: &mut Converter,
     at: &str,
@@ -333,7 +336,7 @@ impl Job<'_, '_> {
                     self.labels.extend(set.keys().cloned());
                     self.c.report.changed(
                         at,
-                        "ztail keeps at most 100 values per label and source (later values go to structured metadata, counted): set max_values to change it",
+                        MAX_VALUES_CHANGED,
                     );
                 }
                 let mut t = ty(if is_labels { "labels" } else { "metadata" });
