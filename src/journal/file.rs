@@ -256,13 +256,18 @@ impl Cache {
             }
             return Ok(&self.spill);
         }
-        if self.blocks.get(self.last).is_some_and(|b| b.0 == first) {
-            let start = (at - first * BLOCK) as usize;
-            return self.blocks[self.last]
-                .1
-                .get(start..start + len)
-                .ok_or(Error::Damaged(at, "object beyond the end of the file"));
+        if self.blocks.get(self.last).is_none_or(|b| b.0 != first) {
+            self.last = self.load(file, first)?;
         }
+        let start = (at - first * BLOCK) as usize;
+        self.blocks[self.last]
+            .1
+            .get(start..start + len)
+            .ok_or(Error::Damaged(at, "object beyond the end of the file"))
+    }
+
+    /// The index of block `first` (read if it is not cached), marked as used now.
+    fn load(&mut self, file: &File, first: u64) -> Result<usize, Error> {
         self.tick += 1;
         let i = match self.blocks.iter().position(|b| b.0 == first) {
             Some(i) => i,
@@ -283,13 +288,8 @@ impl Cache {
                 self.blocks.len() - 1
             }
         };
-        let tick = self.tick;
-        self.last = i;
-        let b = &mut self.blocks[i];
-        b.2 = tick;
-        let start = (at - first * BLOCK) as usize;
-        b.1.get(start..start + len)
-            .ok_or(Error::Damaged(at, "object beyond the end of the file"))
+        self.blocks[i].2 = self.tick;
+        Ok(i)
     }
 }
 
