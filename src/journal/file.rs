@@ -576,26 +576,26 @@ impl JournalFile {
         out.values.clear();
         let item = if compact { 4 } else { 16 };
         let n = (size as usize - 64) / item;
+        // Most items are objects known to be of no interest: they are passed over here, while
+        // the entry is at hand; the rest are read after it.
         let mut items = std::mem::take(&mut self.items);
         items.clear();
-        for i in 0..n {
-            let p = 64 + i * item;
-            items.push(if item == 4 {
-                u64::from(u32_at(b, p))
+        for c in b[64..64 + n * item].chunks_exact(item) {
+            let data = if compact {
+                u64::from(u32_at(c, 0))
             } else {
-                u64_at(b, p)
-            });
+                u64_at(c, 0)
+            };
+            if self.known.get(data) != KNOWN_OTHER {
+                items.push(data);
+            }
         }
         for &data in &items {
-            match self.known.get(data) {
-                KNOWN_OTHER => continue,
-                KNOWN_VALUE => {
-                    if let Some((i, v)) = self.values.get(&data) {
-                        out.push_field(*i, v);
-                        continue;
-                    }
-                }
-                _ => {}
+            if self.known.get(data) == KNOWN_VALUE
+                && let Some((i, v)) = self.values.get(&data)
+            {
+                out.push_field(*i, v);
+                continue;
             }
             self.data(data, out)?;
         }

@@ -275,7 +275,8 @@ impl ChainReader {
         let mut out = Read {
             // Room for the limit and the entry that crosses it: growing copies the lines.
             data: Vec::with_capacity(limit + (64 << 10)),
-            entries: Vec::new(),
+            // Sized for lines of 128 bytes: growing it copies the entries.
+            entries: Vec::with_capacity((limit / 128).clamp(16, MAX_ENTRIES)),
             given: Given::default(),
             consumed: self.consumed,
             cursor: None,
