@@ -1,5 +1,7 @@
 //! The admin endpoint on loopback: `/metrics` (Prometheus text), `/healthz` (the process
-//! answers), `/readyz` (an identity is held and the sink is not failing), `/status` (JSON).
+//! answers), `/readyz` (an identity is held and the sink is not failing), `/status` (JSON),
+//! and `POST /-/reload` (reload the config; refused with an `Origin` header, so a web page
+//! cannot ask for it).
 //!
 //! It is unauthenticated by design and therefore only ever bound to a loopback address
 //! (enforced at config load). It never shows key material.
@@ -36,14 +38,30 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a connection may last, whatever it does.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What the admin endpoint reads from.
-pub struct Admin {
-    pub metrics: Arc<Metrics>,
+/// What the admin endpoint reads from, replaced at each reload.
+pub struct View {
     pub tailer: Arc<Tailer>,
     pub sink: Arc<Sink>,
     pub identity: IdentityWatch,
     pub probes: Arc<crate::probe::ProbeStatus>,
     pub kube: Option<Arc<crate::k8s::Metadata>>,
+}
+
+/// The admin endpoint: the metrics, the running parts (a [`View`]) and the way to reload.
+pub struct Admin {
+    metrics: Arc<Metrics>,
+    view: std::sync::Mutex<Arc<View>>,
+    reload: crate::ReloadHandle,
+    last_reload: std::sync::Mutex<Option<ReloadStatus>>,
+}
+
+/// The outcome of the last reload, in `/status`.
+#[derive(Serialize, Clone)]
+pub struct ReloadStatus {
+    pub at_unix: i64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -56,6 +74,8 @@ pub struct Status {
     pub probes: Vec<crate::probe::ProbeResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<crate::k8s::ApiStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<ReloadStatus>,
 }
 
 #[derive(Serialize)]
@@ -78,10 +98,51 @@ pub struct SinkStatus {
     pub requests_ok: u64,
 }
 
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 impl Admin {
+    pub fn new(metrics: Arc<Metrics>, view: View, reload: crate::ReloadHandle) -> Admin {
+        Admin {
+            metrics,
+            view: std::sync::Mutex::new(Arc::new(view)),
+            reload,
+            last_reload: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Shows the parts started by a reload.
+    pub fn set_view(&self, view: View) {
+        *lock(&self.view) = Arc::new(view);
+    }
+
+    /// Records a reload's outcome in `/status` and `ztail_config_reloads_total`.
+    pub fn reloaded(&self, outcome: &Result<(), String>) {
+        let result = if outcome.is_ok() { "ok" } else { "invalid" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+        *lock(&self.last_reload) = Some(ReloadStatus {
+            at_unix: unix_now(),
+            ok: outcome.is_ok(),
+            error: outcome.as_ref().err().cloned(),
+        });
+    }
+
+    fn view(&self) -> Arc<View> {
+        lock(&self.view).clone()
+    }
+
     /// Binds the listener (so a busy port is a start-up error) and serves until cancelled.
     pub async fn bind(
-        self,
+        self: Arc<Self>,
         addr: SocketAddr,
         cancel: CancellationToken,
     ) -> anyhow::Result<SocketAddr> {
@@ -89,7 +150,7 @@ impl Admin {
             anyhow::anyhow!("cannot listen on {addr} for the admin endpoint (admin.listen): {e}")
         })?;
         let local = listener.local_addr()?;
-        let this = Arc::new(self);
+        let this = self;
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(10);
@@ -118,7 +179,14 @@ impl Admin {
                     let _slot = slot;
                     let svc = hyper::service::service_fn(move |req| {
                         let this = this.clone();
-                        async move { Ok::<_, std::convert::Infallible>(this.handle(&req)) }
+                        async move {
+                            let resp = if req.uri().path() == "/-/reload" {
+                                this.handle_reload(&req).await
+                            } else {
+                                this.handle(&req)
+                            };
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -132,16 +200,39 @@ impl Admin {
         Ok(local)
     }
 
-    fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
-        if let Some(host) = req.headers().get(hyper::header::HOST)
-            && !is_loopback_host(host.as_bytes())
-        {
+    /// `POST /-/reload`: reloads the config and answers when it is applied or refused. A
+    /// request with an `Origin` header (a web page's) is refused: only a local tool may ask.
+    async fn handle_reload<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        if let Some(refused) = refuse_host(req) {
+            return refused;
+        }
+        if req.method() != hyper::Method::POST {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "use POST /-/reload to reload the config\n".into(),
+            );
+        }
+        if req.headers().contains_key(hyper::header::ORIGIN) {
             return reply(
                 StatusCode::FORBIDDEN,
                 "text/plain",
-                "the admin endpoint answers only to loopback names (127.0.0.1, [::1], localhost)\n"
-                    .into(),
+                "a reload is not accepted from a web page (Origin header)\n".into(),
             );
+        }
+        match self.reload.reload().await {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "reloaded\n".into()),
+            Err(why) => reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("not reloaded, the running config stays: {why}\n"),
+            ),
+        }
+    }
+
+    fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        if let Some(refused) = refuse_host(req) {
+            return refused;
         }
         match req.uri().path() {
             "/metrics" => reply(
@@ -166,13 +257,14 @@ impl Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /metrics /healthz /readyz /status\n".into(),
+                "not found: try /metrics /healthz /readyz /status, or POST /-/reload\n".into(),
             ),
         }
     }
 
     fn readiness(&self) -> (bool, String) {
-        let id = self.identity.borrow().clone();
+        let view = self.view();
+        let id = view.identity.borrow().clone();
         match id {
             None => {
                 return (
@@ -185,25 +277,23 @@ impl Admin {
             }
             Some(_) => {}
         }
-        if self.sink.state.is_failing() {
-            let err = lock(&self.sink.state.last_error)
+        if view.sink.state.is_failing() {
+            let err = lock(&view.sink.state.last_error)
                 .clone()
                 .unwrap_or_default();
             return (false, format!("not ready: sink failing: {err}"));
         }
         // Missing pod metadata degrades labels, not delivery: ready, and the body says so.
-        match self.kube.as_ref().and_then(|k| k.degraded()) {
+        match view.kube.as_ref().and_then(|k| k.degraded()) {
             Some(why) => (true, format!("ready; {why}")),
             None => (true, "ready".into()),
         }
     }
 
     pub fn status(&self) -> Status {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let identity = self.identity.borrow().clone().map(|id| {
+        let now = unix_now();
+        let view = self.view();
+        let identity = view.identity.borrow().clone().map(|id| {
             let not_after = id
                 .not_after
                 .duration_since(UNIX_EPOCH)
@@ -218,7 +308,7 @@ impl Admin {
                 updates: self.metrics.identity_reloads.get(),
             }
         });
-        let st = &self.sink.state;
+        let st = &view.sink.state;
         Status {
             version: env!("CARGO_PKG_VERSION"),
             ready: self.readiness().0,
@@ -230,11 +320,25 @@ impl Admin {
                 last_success_unix: st.last_success_unix.load(Ordering::Relaxed),
                 requests_ok: st.requests_ok.load(Ordering::Relaxed),
             },
-            files: self.tailer.files().iter().map(|f| f.status()).collect(),
-            probes: self.probes.results(),
-            kubernetes: self.kube.as_ref().map(|k| k.status()),
+            files: view.tailer.files().iter().map(|f| f.status()).collect(),
+            probes: view.probes.results(),
+            kubernetes: view.kube.as_ref().map(|k| k.status()),
+            last_reload: lock(&self.last_reload).clone(),
         }
     }
+}
+
+/// A refusal for a request whose `Host` header is not a loopback name.
+fn refuse_host<B>(req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let host = req.headers().get(hyper::header::HOST)?;
+    (!is_loopback_host(host.as_bytes())).then(|| {
+        reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "the admin endpoint answers only to loopback names (127.0.0.1, [::1], localhost)\n"
+                .into(),
+        )
+    })
 }
 
 fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

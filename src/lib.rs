@@ -47,9 +47,124 @@ pub fn release_idle_memory() {
     loki::encode::release_idle_buffers();
 }
 
+/// A request to read the config file again; answered with what became of it.
+pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
+
+/// Where reload requests come from (SIGHUP, `POST /-/reload`) and go to ([`run`]).
+pub struct Reloads {
+    tx: mpsc::Sender<ReloadRequest>,
+    rx: mpsc::Receiver<ReloadRequest>,
+}
+
+impl Default for Reloads {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(4);
+        Reloads { tx, rx }
+    }
+}
+
+impl Reloads {
+    pub fn handle(&self) -> ReloadHandle {
+        ReloadHandle(self.tx.clone())
+    }
+}
+
+/// Asks the running ztail to reload its config.
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::Sender<ReloadRequest>);
+
+impl ReloadHandle {
+    /// Reloads and waits for the outcome: `Err` says why the running config stays.
+    pub async fn reload(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        if self.0.send(tx).await.is_err() {
+            return Err("ztail is shutting down".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Err("ztail is shutting down".into()))
+    }
+}
+
+/// Checks a loaded config the way `ztail check` does, beyond parsing: identity files that
+/// exist must load and pass the peer policy's trust domain. Returns the warnings.
+pub fn validate(config: &Config) -> anyhow::Result<Vec<String>> {
+    let mut warnings = config.permission_warnings();
+    if let IdentityConfig::Files(files) = &config.identity {
+        let missing: Vec<_> = [&files.cert, &files.key, &files.bundle]
+            .into_iter()
+            .filter(|p| !p.exists())
+            .collect();
+        if missing.is_empty() {
+            let metrics = Arc::new(Metrics::new());
+            identity::files::load(files, &config.sink.policy, &metrics)
+                .map_err(|e| anyhow::anyhow!("{}: identity: {e:#}", config.file.display()))?;
+        }
+        for p in missing {
+            warnings.push(format!(
+                "identity file {} does not exist yet; `ztail run` will wait for it (not ready until then)",
+                p.display()
+            ));
+        }
+    }
+    Ok(warnings)
+}
+
+/// The settings a reload cannot change: they are taken once, at start.
+#[derive(PartialEq)]
+struct Fixed {
+    state_dir: std::path::PathBuf,
+    admin_listen: std::net::SocketAddr,
+    log_format: String,
+    log_level: String,
+    allow_tls12: bool,
+}
+
+impl Fixed {
+    fn of(c: &Config) -> Fixed {
+        Fixed {
+            state_dir: c.state_dir.clone(),
+            admin_listen: c.admin.listen,
+            log_format: format!("{:?}", c.log.format),
+            log_level: c.log.level.clone(),
+            allow_tls12: c.sink.allow_tls12,
+        }
+    }
+
+    /// What differs from `new`, as the keys an operator would change.
+    fn changed(&self, new: &Fixed) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.state_dir != new.state_dir {
+            keys.push("state_dir");
+        }
+        if self.admin_listen != new.admin_listen {
+            keys.push("admin.listen");
+        }
+        if self.log_format != new.log_format {
+            keys.push("log.format");
+        }
+        if self.log_level != new.log_level {
+            keys.push("log.level");
+        }
+        if self.allow_tls12 != new.allow_tls12 {
+            keys.push("sink.allow_tls12");
+        }
+        keys
+    }
+}
+
 /// Runs ztail until `shutdown` is cancelled, then stops reading, flushes what is in flight
 /// within `sink.shutdown_timeout` and writes the final checkpoints.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+///
+/// A reload reads the config file again and checks it completely; an invalid file changes
+/// nothing. A valid one is applied the way a graceful restart would, inside the process:
+/// reading stops, what is in flight is flushed and acknowledged, checkpoints are written, and
+/// everything that reads, identifies and sends starts again from the new config and those
+/// checkpoints. The admin endpoint, the metrics and the state directory stay.
+pub async fn run(
+    mut config: Config,
+    shutdown: CancellationToken,
+    mut reloads: Reloads,
+) -> anyhow::Result<()> {
     if !identity::install_tls_provider(config.sink.allow_tls12) {
         tracing::warn!(
             "a TLS provider was installed before ztail's: sink.allow_tls12 may not apply"
@@ -61,109 +176,210 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         );
     }
     let metrics = Arc::new(Metrics::new());
-    let state_dir = StateDir::open(&config.state_dir)?;
+    let state_dir = Arc::new(StateDir::open(&config.state_dir)?);
+    let fixed = Fixed::of(&config);
+    let admin_listen = config.admin.listen;
+    let url = config.sink.url.clone();
+    let (mut plane, view) = Plane::start(config, &metrics, &state_dir)?;
+    let admin = Arc::new(admin::Admin::new(metrics.clone(), view, reloads.handle()));
     let background = CancellationToken::new();
-    let identity = match config.identity {
-        IdentityConfig::Files(files) => identity::files::spawn(
-            files,
-            config.sink.policy.clone(),
-            metrics.clone(),
-            background.clone(),
-        ),
-        IdentityConfig::Spiffe(workload) => identity::workload::spawn(
-            workload,
-            config.sink.policy.clone(),
-            metrics.clone(),
-            background.clone(),
-        ),
-    };
-    let tracker = Arc::new(AckTracker::default());
-    let sink = Arc::new(Sink::new(
-        (&config.sink).into(),
-        identity.clone(),
-        metrics.clone(),
-        tracker.clone(),
-    ));
-    // Probes spool into the state directory; their spools are sources of the tailer.
-    let probes = probe::spawn(
-        config.probes,
-        &config.state_dir,
-        identity.clone(),
-        metrics.clone(),
-        background.clone(),
-    )?;
-    let reading = CancellationToken::new();
-    if let Some(why) = config.kubernetes.as_ref().and_then(|k| k.unresolved()) {
-        anyhow::bail!("{}: {why}", config.file.display());
-    }
-    let kube = config.kubernetes.map(|k| {
-        let meta = k8s::Metadata::new(k, metrics.clone());
-        meta.spawn(background.clone());
-        meta
-    });
-    let tailer = Tailer::new(
-        config.sources,
-        config.tail,
-        state_dir,
-        metrics.clone(),
-        reading.clone(),
-        kube.clone(),
-    );
-    let admin = admin::Admin {
-        metrics: metrics.clone(),
-        tailer: tailer.clone(),
-        sink: sink.clone(),
-        identity,
-        probes,
-        kube,
-    };
-    let admin_addr = admin.bind(config.admin.listen, background.clone()).await?;
-    tracing::info!(admin = %admin_addr, loki = %config.sink.url, "ztail started");
+    let admin_addr = admin.clone().bind(admin_listen, background.clone()).await?;
+    tracing::info!(admin = %admin_addr, loki = %url, "ztail started");
 
-    let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
-    let mut batcher = tokio::spawn(
-        Batcher {
-            rx,
-            batch_bytes: config.sink.batch_bytes,
-            batch_wait: config.sink.batch_wait,
-            tracker,
-            sink: sink.clone(),
-            permits: Arc::new(Semaphore::new(config.sink.max_in_flight)),
-        }
-        .run(),
-    );
-    let mut tailing = tokio::spawn(tailer.clone().run(tx));
-    let (sink_done, sink_done_rx) = oneshot::channel::<()>();
-    let checkpoints = tokio::spawn(tailer.clone().checkpoint_loop(async {
-        let _ = sink_done_rx.await;
-    }));
-
-    shutdown.cancelled().await;
-    tracing::info!(timeout = ?config.sink.shutdown_timeout, "shutting down: reading stopped, flushing batches in flight");
-    reading.cancel();
-    let flushed = tokio::time::timeout(config.sink.shutdown_timeout, async {
-        let _ = (&mut tailing).await;
-        let _ = (&mut batcher).await;
-        sink.drain().await;
-    })
-    .await;
-    if flushed.is_err() {
-        tracing::warn!(
-            "shutdown timeout reached with batches unacknowledged; they will be read and sent again after the restart"
-        );
-        sink.stop();
-        // A JoinHandle must not be awaited again once the timed-out future saw it complete.
-        if !tailing.is_finished() {
-            let _ = tailing.await;
-        }
-        if !batcher.is_finished() {
-            let _ = batcher.await;
-        }
-        sink.drain().await;
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = reloads.rx.recv() => match r {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        let path = plane.file.clone();
+        let outcome = match Config::load(&path)
+            .map_err(|e| format!("{e}"))
+            .and_then(|c| validate(&c).map(|w| (c, w)).map_err(|e| format!("{e:#}")))
+            .and_then(|(c, w)| {
+                let keys = fixed.changed(&Fixed::of(&c));
+                if keys.is_empty() {
+                    Ok((c, w))
+                } else {
+                    Err(format!(
+                        "{}: {} cannot change on reload; restart ztail to apply it",
+                        path.display(),
+                        keys.join(", ")
+                    ))
+                }
+            }) {
+            Ok((c, warnings)) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                tracing::info!(config = %path.display(), "reloading: reading stopped, flushing batches in flight");
+                plane.stop().await;
+                config = c;
+                let (p, view) = Plane::start(config, &metrics, &state_dir)?;
+                plane = p;
+                admin.set_view(view);
+                tracing::info!(config = %path.display(), "config reloaded");
+                Ok(())
+            }
+            Err(why) => {
+                tracing::error!(config = %path.display(), error = %why, "config not reloaded; the running config stays");
+                Err(why)
+            }
+        };
+        admin.reloaded(&outcome);
+        let _ = request.send(outcome);
     }
-    let _ = sink_done.send(());
-    let _ = checkpoints.await;
+    tracing::info!(timeout = ?plane.shutdown_timeout, "shutting down: reading stopped, flushing batches in flight");
+    plane.stop().await;
     background.cancel();
     tracing::info!("stopped; checkpoints written");
     Ok(())
+}
+
+/// Everything that reads, identifies and sends, started from one config.
+struct Plane {
+    file: std::path::PathBuf,
+    /// Identity, probes and pod metadata.
+    background: CancellationToken,
+    reading: CancellationToken,
+    sink: Arc<Sink>,
+    tailing: tokio::task::JoinHandle<()>,
+    batcher: tokio::task::JoinHandle<()>,
+    checkpoints: tokio::task::JoinHandle<()>,
+    sink_done: oneshot::Sender<()>,
+    shutdown_timeout: std::time::Duration,
+}
+
+impl Plane {
+    fn start(
+        config: Config,
+        metrics: &Arc<Metrics>,
+        state_dir: &Arc<StateDir>,
+    ) -> anyhow::Result<(Plane, admin::View)> {
+        if let Some(why) = config.kubernetes.as_ref().and_then(|k| k.unresolved()) {
+            anyhow::bail!("{}: {why}", config.file.display());
+        }
+        let background = CancellationToken::new();
+        let identity = match config.identity {
+            IdentityConfig::Files(files) => identity::files::spawn(
+                files,
+                config.sink.policy.clone(),
+                metrics.clone(),
+                background.clone(),
+            ),
+            IdentityConfig::Spiffe(workload) => identity::workload::spawn(
+                workload,
+                config.sink.policy.clone(),
+                metrics.clone(),
+                background.clone(),
+            ),
+        };
+        let tracker = Arc::new(AckTracker::default());
+        let sink = Arc::new(Sink::new(
+            (&config.sink).into(),
+            identity.clone(),
+            metrics.clone(),
+            tracker.clone(),
+        ));
+        // Probes spool into the state directory; their spools are sources of the tailer.
+        let probes = probe::spawn(
+            config.probes,
+            &config.state_dir,
+            identity.clone(),
+            metrics.clone(),
+            background.clone(),
+        )?;
+        let reading = CancellationToken::new();
+        let kube = config.kubernetes.map(|k| {
+            let meta = k8s::Metadata::new(k, metrics.clone());
+            meta.spawn(background.clone());
+            meta
+        });
+        let tailer = Tailer::new(
+            config.sources,
+            config.tail,
+            state_dir.clone(),
+            metrics.clone(),
+            reading.clone(),
+            kube.clone(),
+        );
+        let view = admin::View {
+            tailer: tailer.clone(),
+            sink: sink.clone(),
+            identity,
+            probes,
+            kube,
+        };
+        let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+        let batcher = tokio::spawn(
+            Batcher {
+                rx,
+                batch_bytes: config.sink.batch_bytes,
+                batch_wait: config.sink.batch_wait,
+                tracker,
+                sink: sink.clone(),
+                permits: Arc::new(Semaphore::new(config.sink.max_in_flight)),
+            }
+            .run(),
+        );
+        let tailing = tokio::spawn(tailer.clone().run(tx));
+        let (sink_done, sink_done_rx) = oneshot::channel::<()>();
+        let checkpoints = tokio::spawn(tailer.checkpoint_loop(async {
+            let _ = sink_done_rx.await;
+        }));
+        let plane = Plane {
+            file: config.file,
+            background,
+            reading,
+            sink,
+            tailing,
+            batcher,
+            checkpoints,
+            sink_done,
+            shutdown_timeout: config.sink.shutdown_timeout,
+        };
+        Ok((plane, view))
+    }
+
+    /// Stops reading, flushes what is in flight within `sink.shutdown_timeout` and writes the
+    /// final checkpoints.
+    async fn stop(self) {
+        let Plane {
+            background,
+            reading,
+            sink,
+            mut tailing,
+            mut batcher,
+            checkpoints,
+            sink_done,
+            shutdown_timeout,
+            ..
+        } = self;
+        reading.cancel();
+        let flushed = tokio::time::timeout(shutdown_timeout, async {
+            let _ = (&mut tailing).await;
+            let _ = (&mut batcher).await;
+            sink.drain().await;
+        })
+        .await;
+        if flushed.is_err() {
+            tracing::warn!(
+                "shutdown timeout reached with batches unacknowledged; they will be read and sent again"
+            );
+            sink.stop();
+            // A JoinHandle must not be awaited again once the timed-out future saw it complete.
+            if !tailing.is_finished() {
+                let _ = tailing.await;
+            }
+            if !batcher.is_finished() {
+                let _ = batcher.await;
+            }
+            sink.drain().await;
+        }
+        let _ = sink_done.send(());
+        let _ = checkpoints.await;
+        background.cancel();
+    }
 }

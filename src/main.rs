@@ -3,12 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use ztail::config::{Config, LogFormat};
-use ztail::identity::config::IdentityConfig;
 
 mod status;
 
@@ -30,10 +28,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Tail the configured files and ship them until SIGTERM or SIGINT.
+    /// Tail the configured files and ship them until SIGTERM or SIGINT; SIGHUP (or
+    /// `POST /-/reload` on the admin endpoint) reloads the config.
     Run {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Reload the config when its file changes (checked every 5 s), as a Kubernetes
+        /// ConfigMap changes under a running pod.
+        #[arg(long)]
+        watch_config: bool,
     },
     /// Validate a configuration (and the identity files it names) without side effects.
     Check {
@@ -128,7 +131,10 @@ fn main() -> ExitCode {
             let path = config.or(file).unwrap_or_default();
             check(&path)
         }
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            watch_config,
+        } => run(&config, watch_config),
         Command::Convert(Convert::Promtail {
             config,
             output,
@@ -278,32 +284,16 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    for warning in config.permission_warnings() {
-        eprintln!("ztail: warning: {warning}");
-    }
-    match &config.identity {
-        IdentityConfig::Files(files) => {
-            let missing: Vec<_> = [&files.cert, &files.key, &files.bundle]
-                .into_iter()
-                .filter(|p| !p.exists())
-                .collect();
-            if missing.is_empty() {
-                let metrics = Arc::new(ztail::metrics::Metrics::new());
-                if let Err(e) = ztail::identity::files::load(files, &config.sink.policy, &metrics) {
-                    eprintln!("ztail: config error: {}: identity: {e:#}", path.display());
-                    return ExitCode::from(2);
-                }
-            } else {
-                for p in missing {
-                    eprintln!(
-                        "ztail: warning: identity file {} does not exist yet; `ztail run` will wait for it (not ready until then)",
-                        p.display()
-                    );
-                }
+    match ztail::validate(&config) {
+        Ok(warnings) => {
+            for warning in warnings {
+                eprintln!("ztail: warning: {warning}");
             }
         }
-        // Checking never connects anywhere; `run` reports a missing agent as "waiting for identity".
-        IdentityConfig::Spiffe(_) => {}
+        Err(e) => {
+            eprintln!("ztail: config error: {e:#}");
+            return ExitCode::from(2);
+        }
     }
     println!(
         "{}: ok ({} source(s), Loki at {})",
@@ -380,7 +370,7 @@ fn try_stages(
     }
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path, watch_config: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -408,7 +398,23 @@ fn run(path: &std::path::Path) -> ExitCode {
             wait_for_signal().await;
             signals.cancel();
         });
-        ztail::run(config, shutdown).await
+        let reloads = ztail::Reloads::default();
+        let reload = reloads.handle();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP: reload with POST /-/reload instead");
+                return;
+            };
+            // The outcome is logged, counted and shown in /status by the reload itself.
+            while hup.recv().await.is_some() {
+                let _ = reload.reload().await;
+            }
+        });
+        if watch_config {
+            tokio::spawn(watch(path.to_owned(), reloads.handle()));
+        }
+        ztail::run(config, shutdown, reloads).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -461,6 +467,29 @@ fn tune_allocator() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
+
+/// How often `--watch-config` reads the config file.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reloads when the config file's content changes. A ConfigMap volume swaps a symlink, so the
+/// content is compared, not the file's times. Content that was refused is not tried again.
+async fn watch(path: PathBuf, reload: ztail::ReloadHandle) {
+    let mut seen = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let now = match std::fs::read(&path) {
+            Ok(b) => Some(b),
+            // Between a ConfigMap's swap and its cleanup, or a file being replaced.
+            Err(_) => continue,
+        };
+        if now != seen {
+            seen = now;
+            tracing::info!(config = %path.display(), "config file changed; reloading");
+            // The outcome is logged, counted and shown in /status by the reload itself.
+            let _ = reload.reload().await;
+        }
+    }
+}
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};

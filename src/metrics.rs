@@ -54,6 +54,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: LabelValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: LabelValue,
 }
@@ -129,6 +134,7 @@ pub struct Metrics {
     pub peer_refusals: Family<ReasonLabel, Counter>,
     pub identity_not_after: Gauge,
     pub identity_reloads: Counter,
+    pub config_reloads: Family<ResultLabel, Counter>,
     pub identity_reload_errors: Counter,
     pub checkpoint_write_errors: Counter,
     pub in_flight_requests: Gauge,
@@ -173,6 +179,7 @@ impl Metrics {
             peer_refusals: Family::default(),
             identity_not_after: Gauge::default(),
             identity_reloads: Counter::default(),
+            config_reloads: Family::default(),
             identity_reload_errors: Counter::default(),
             checkpoint_write_errors: Counter::default(),
             in_flight_requests: Gauge::default(),
@@ -327,6 +334,11 @@ impl Metrics {
             "identity_reloads",
             "Identity material loaded and published",
             m.identity_reloads.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads asked for (SIGHUP, POST /-/reload), by result: ok, or invalid (the running config stayed)",
+            m.config_reloads.clone(),
         );
         registry.register(
             "identity_reload_errors",

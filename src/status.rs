@@ -107,6 +107,21 @@ pub fn render(s: &Value, now: i64) -> String {
     if let Some(err) = sink["last_error"].as_str() {
         let _ = writeln!(out, "          last error: {err}");
     }
+    if let Some(r) = s["last_reload"].as_object() {
+        let at = r.get("at_unix").and_then(Value::as_i64).unwrap_or(0);
+        let ago = duration(now - at);
+        match r.get("error").and_then(Value::as_str) {
+            None => {
+                let _ = writeln!(out, "reload    ok {ago} ago");
+            }
+            Some(why) => {
+                let _ = writeln!(
+                    out,
+                    "reload    REFUSED {ago} ago (the running config stays): {why}"
+                );
+            }
+        }
+    }
 
     let files = s["files"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(out, "files     {}", files.len());
@@ -204,6 +219,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn renders_the_last_reload() {
+        let mut status = serde_json::json!({
+            "version": "0.1.0", "ready": true, "identity": null, "files": [],
+            "sink": {"failing": false, "consecutive_failures": 0, "last_error": null,
+                     "last_success_unix": 990, "requests_ok": 1},
+            "last_reload": {"at_unix": 940, "ok": true}
+        });
+        assert!(render(&status, 1000).contains("reload    ok 60s ago\n"));
+        status["last_reload"] = serde_json::json!({"at_unix": 995, "ok": false,
+            "error": "ztail.toml: state_dir cannot change on reload; restart ztail to apply it"});
+        let text = render(&status, 1000);
+        assert!(
+            text.contains("reload    REFUSED 5s ago (the running config stays): ztail.toml: state_dir cannot change"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn renders_identity_sink_and_files() {
         let status = serde_json::json!({
             "version": "0.1.0",
@@ -238,6 +271,7 @@ mod tests {
             "files": []
         });
         let text = render(&status, 1000);
+        assert!(!text.contains("reload"), "{text}");
         assert!(text.contains("NOT READY"));
         assert!(text.contains("identity  none: waiting for an SVID"));
         assert!(text.contains("sink      FAILING  last success never"));

@@ -163,7 +163,7 @@ pub struct Tailer {
     sources: Vec<SourceConfig>,
     cfg: TailConfig,
     pub(crate) metrics: Arc<Metrics>,
-    state_dir: StateDir,
+    state_dir: Arc<StateDir>,
     files: Mutex<Registry>,
     streams: Streams,
     /// Checkpoints loaded at start and not yet claimed by a file.
@@ -193,7 +193,7 @@ impl Tailer {
     pub fn new(
         sources: Vec<SourceConfig>,
         cfg: TailConfig,
-        state_dir: StateDir,
+        state_dir: Arc<StateDir>,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
         kube: Option<Arc<crate::k8s::Metadata>>,
@@ -991,7 +991,7 @@ mod rotation_tests {
                 checkpoint_interval: Duration::from_secs(1),
                 read_buffer: 4096,
             },
-            StateDir::open(&dir.join("state")).unwrap(),
+            Arc::new(StateDir::open(&dir.join("state")).unwrap()),
             Arc::new(Metrics::new()),
             CancellationToken::new(),
             None,

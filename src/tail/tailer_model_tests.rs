@@ -165,7 +165,7 @@ fn start(dir: &Path, state: &Path, received: &Received, seed: u64) -> Instance {
             checkpoint_interval: Duration::from_millis(30),
             read_buffer: 64 + (seed as usize % 512),
         },
-        state_dir,
+        Arc::new(state_dir),
         Arc::new(Metrics::new()),
         cancel.clone(),
         None,

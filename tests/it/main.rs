@@ -20,6 +20,7 @@ mod kubernetes;
 mod pki_profile;
 mod probes;
 mod receiver_selftest;
+mod reload;
 mod security;
 mod sink;
 mod spire;

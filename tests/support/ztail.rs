@@ -104,10 +104,23 @@ pub fn with_workload_api(config: &str, endpoint: &str, hint: Option<&str>) -> St
 
 /// A plain HTTP/1.1 GET: (status code, body); (0, "") if nothing answers.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, "").await
+}
+
+/// A plain HTTP/1.1 request with no body; `headers` are extra header lines, each ending in
+/// `\r\n`.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String) {
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     if s.write_all(req.as_bytes()).await.is_err() {
         return (0, String::new());
     }
@@ -219,6 +232,8 @@ pub struct Ztail {
     user: Option<u32>,
     /// Environment variables set for ztail (every run).
     vars: Vec<(String, String)>,
+    /// Arguments after `run -c FILE` (every run).
+    args: Vec<String>,
     /// Strings that must never appear in ztail's output (see [`key_needles`]).
     pub secrets: Vec<String>,
 }
@@ -276,11 +291,11 @@ impl Ztail {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Ztail::start_full_vars(env, config, RUST_LOG, None, vars)
+        Ztail::start_full_vars(env, config, RUST_LOG, None, vars, Vec::new())
     }
 
     fn start_full(env: &Env, config: &str, rust_log: &str, user: Option<u32>) -> Ztail {
-        Ztail::start_full_vars(env, config, rust_log, user, Vec::new())
+        Ztail::start_full_vars(env, config, rust_log, user, Vec::new(), Vec::new())
     }
 
     fn start_full_vars(
@@ -289,6 +304,7 @@ impl Ztail {
         rust_log: &str,
         user: Option<u32>,
         vars: Vec<(String, String)>,
+        args: Vec<String>,
     ) -> Ztail {
         let port = free_port();
         let config_path = env.path("ztail.toml");
@@ -300,7 +316,7 @@ impl Ztail {
         if let Some(uid) = user {
             chown_tree(env.dir.path(), uid);
         }
-        let mut zt = Ztail::start_with(&config_path, port, rust_log, user, vars);
+        let mut zt = Ztail::start_with(&config_path, port, rust_log, user, vars, args);
         zt.add_secret_key(&env.client.key_pem);
         zt
     }
@@ -311,6 +327,7 @@ impl Ztail {
         rust_log: &str,
         user: Option<u32>,
         vars: Vec<(String, String)>,
+        args: Vec<String>,
     ) -> Ztail {
         let dir = config_path.parent().unwrap();
         let n = fs::read_dir(dir).unwrap().count();
@@ -331,6 +348,7 @@ impl Ztail {
             .arg("run")
             .arg("-c")
             .arg(config_path)
+            .args(&args)
             .env("RUST_LOG", rust_log)
             .envs(vars.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
@@ -347,7 +365,14 @@ impl Ztail {
             secrets: Vec::new(),
             user,
             vars,
+            args,
         }
+    }
+
+    /// [`Ztail::start`] with these arguments after `run -c FILE` (for this run and restarts).
+    pub fn start_with_args(env: &Env, config: &str, args: &[&str]) -> Ztail {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Ztail::start_full_vars(env, config, RUST_LOG, None, Vec::new(), args)
     }
 
     /// Starts ztail again with the same config and admin port.
@@ -358,7 +383,15 @@ impl Ztail {
         earlier.push(self.log_path.clone());
         let rust_log = self.rust_log.clone();
         let vars = std::mem::take(&mut self.vars);
-        *self = Ztail::start_with(&self.config_path.clone(), port, &rust_log, self.user, vars);
+        let args = std::mem::take(&mut self.args);
+        *self = Ztail::start_with(
+            &self.config_path.clone(),
+            port,
+            &rust_log,
+            self.user,
+            vars,
+            args,
+        );
         self.secrets = secrets;
         self.earlier_logs = earlier;
     }
@@ -437,6 +470,31 @@ impl Ztail {
 
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Replaces the config file ztail runs with (keeping its admin address); ztail reads it
+    /// at its next reload or restart.
+    pub fn write_config(&self, config: &str) {
+        fs::write(
+            &self.config_path,
+            format!("{config}\n[admin]\nlisten = \"{}\"\n", self.admin),
+        )
+        .unwrap();
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn hup(&self) {
+        let st = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// POST on the admin endpoint: (status code, body).
+    pub async fn post(&self, path: &str) -> (u16, String) {
+        http_request(self.admin, "POST", path, "").await
     }
 
     /// GET on the admin endpoint: (status code, body). Errors while it starts give (0, "").
