@@ -157,11 +157,12 @@ impl Fixed {
 ///
 /// A reload reads the config file again and checks it completely; an invalid file changes
 /// nothing. A valid one is applied the way a graceful restart would, inside the process:
-/// reading stops, what is in flight is flushed and acknowledged, checkpoints are written, and
-/// everything that reads, identifies and sends starts again from the new config and those
-/// checkpoints. The admin endpoint, the metrics and the state directory stay.
+/// rotated and deleted files are drained, reading stops, what is in flight is flushed and
+/// acknowledged, checkpoints are written, and everything that reads, identifies and sends
+/// starts again from the new config and those checkpoints. The admin endpoint, the metrics,
+/// the state directory and (while its settings are unchanged) the pod metadata stay.
 pub async fn run(
-    mut config: Config,
+    config: Config,
     shutdown: CancellationToken,
     mut reloads: Reloads,
 ) -> anyhow::Result<()> {
@@ -180,48 +181,72 @@ pub async fn run(
     let fixed = Fixed::of(&config);
     let admin_listen = config.admin.listen;
     let url = config.sink.url.clone();
-    let (mut plane, view) = Plane::start(config, &metrics, &state_dir)?;
+    let path = config.file.clone();
+    // The text of the running config: started again if a reloaded one fails to start.
+    let mut running = std::fs::read_to_string(&path).ok();
+    let mut kube = Kube::default();
+    let (mut plane, view) = Plane::start(config, &metrics, &state_dir, &mut kube)?;
     let admin = Arc::new(admin::Admin::new(metrics.clone(), view, reloads.handle()));
     let background = CancellationToken::new();
     let admin_addr = admin.clone().bind(admin_listen, background.clone()).await?;
     tracing::info!(admin = %admin_addr, loki = %url, "ztail started");
 
     loop {
-        let request = tokio::select! {
+        let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = reloads.rx.recv() => match r {
                 Some(r) => r,
                 None => break,
             },
         };
-        let path = plane.file.clone();
-        let outcome = match Config::load(&path)
-            .map_err(|e| format!("{e}"))
-            .and_then(|c| validate(&c).map(|w| (c, w)).map_err(|e| format!("{e:#}")))
-            .and_then(|(c, w)| {
-                let keys = fixed.changed(&Fixed::of(&c));
-                if keys.is_empty() {
-                    Ok((c, w))
-                } else {
-                    Err(format!(
-                        "{}: {} cannot change on reload; restart ztail to apply it",
-                        path.display(),
-                        keys.join(", ")
-                    ))
-                }
-            }) {
-            Ok((c, warnings)) => {
+        // Requests made while one waited are answered by the same reload.
+        let mut requests = vec![first];
+        while let Ok(r) = reloads.rx.try_recv() {
+            requests.push(r);
+        }
+        let outcome = match load_for_reload(&path, &fixed) {
+            Ok((c, text, warnings)) => {
                 for w in warnings {
                     tracing::warn!("{w}");
                 }
-                tracing::info!(config = %path.display(), "reloading: reading stopped, flushing batches in flight");
+                tracing::info!(config = %path.display(), "reloading: draining rotated files, then flushing batches in flight");
+                plane.drain_rotated().await;
                 plane.stop().await;
-                config = c;
-                let (p, view) = Plane::start(config, &metrics, &state_dir)?;
-                plane = p;
-                admin.set_view(view);
-                tracing::info!(config = %path.display(), "config reloaded");
-                Ok(())
+                if shutdown.is_cancelled() {
+                    for r in requests {
+                        let _ = r.send(Err("ztail is shutting down".into()));
+                    }
+                    background.cancel();
+                    tracing::info!("stopped; checkpoints written");
+                    return Ok(());
+                }
+                match Plane::start(c, &metrics, &state_dir, &mut kube) {
+                    Ok((p, view)) => {
+                        plane = p;
+                        running = Some(text);
+                        admin.set_view(view);
+                        tracing::info!(config = %path.display(), "config reloaded");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // The new config cannot start: the one that ran starts again.
+                        let why = format!("{}: {e:#}", path.display());
+                        tracing::error!(error = %why, "the reloaded config cannot start; starting the previous one again");
+                        let old = running
+                            .as_deref()
+                            .ok_or_else(|| anyhow::anyhow!("the previous config's text is gone"))
+                            .and_then(|t| Config::parse(&path, t).map_err(anyhow::Error::from))
+                            .and_then(|c| Plane::start(c, &metrics, &state_dir, &mut kube));
+                        let (p, view) = old.map_err(|e2| {
+                            anyhow::anyhow!(
+                                "{why}; and the previous config cannot start again: {e2:#}"
+                            )
+                        })?;
+                        plane = p;
+                        admin.set_view(view);
+                        Err(why)
+                    }
+                }
             }
             Err(why) => {
                 tracing::error!(config = %path.display(), error = %why, "config not reloaded; the running config stays");
@@ -229,19 +254,82 @@ pub async fn run(
             }
         };
         admin.reloaded(&outcome);
-        let _ = request.send(outcome);
+        for r in requests {
+            let _ = r.send(outcome.clone());
+        }
     }
     tracing::info!(timeout = ?plane.shutdown_timeout, "shutting down: reading stopped, flushing batches in flight");
     plane.stop().await;
+    kube.stop();
     background.cancel();
     tracing::info!("stopped; checkpoints written");
     Ok(())
 }
 
+/// Loads and checks the config file for a reload: the config, its text and the warnings, or
+/// why it is refused.
+fn load_for_reload(
+    path: &std::path::Path,
+    fixed: &Fixed,
+) -> Result<(Config, String, Vec<String>), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
+    let config = Config::parse(path, &text).map_err(|e| e.to_string())?;
+    let warnings = validate(&config).map_err(|e| format!("{e:#}"))?;
+    let keys = fixed.changed(&Fixed::of(&config));
+    if !keys.is_empty() {
+        return Err(format!(
+            "{}: {} cannot change on reload; restart ztail to apply it",
+            path.display(),
+            keys.join(", ")
+        ));
+    }
+    // `ztail check` only warns (it may run off the node); a running ztail needs it.
+    if let Some(why) = config.kubernetes.as_ref().and_then(|k| k.unresolved()) {
+        return Err(format!("{}: {why}", path.display()));
+    }
+    Ok((config, text, warnings))
+}
+
+/// The pod metadata, kept across reloads while `[kubernetes]` is unchanged: a new one would
+/// forget the pods deleted in the last minutes, whose files may still be read.
+#[derive(Default)]
+struct Kube(Option<(k8s::KubernetesConfig, Arc<k8s::Metadata>, CancellationToken)>);
+
+impl Kube {
+    /// The metadata for `cfg`: the running one if its settings are the same.
+    fn get(
+        &mut self,
+        cfg: Option<k8s::KubernetesConfig>,
+        metrics: &Arc<Metrics>,
+    ) -> Option<Arc<k8s::Metadata>> {
+        if let (Some((running, meta, _)), Some(new)) = (&self.0, &cfg)
+            && running == new
+        {
+            return Some(meta.clone());
+        }
+        self.stop();
+        let cfg = cfg?;
+        let cancel = CancellationToken::new();
+        let meta = k8s::Metadata::new(cfg.clone(), metrics.clone());
+        meta.spawn(cancel.clone());
+        self.0 = Some((cfg, meta.clone(), cancel));
+        Some(meta)
+    }
+
+    fn stop(&mut self) {
+        if let Some((_, _, cancel)) = self.0.take() {
+            cancel.cancel();
+        }
+    }
+}
+
 /// Everything that reads, identifies and sends, started from one config.
 struct Plane {
-    file: std::path::PathBuf,
-    /// Identity, probes and pod metadata.
+    tailer: Arc<Tailer>,
+    /// The probes' tasks: each writes its spool, which the next plane's probe opens again.
+    tasks: tokio_util::task::TaskTracker,
+    /// Identity and probes.
     background: CancellationToken,
     reading: CancellationToken,
     sink: Arc<Sink>,
@@ -257,11 +345,13 @@ impl Plane {
         config: Config,
         metrics: &Arc<Metrics>,
         state_dir: &Arc<StateDir>,
+        kube: &mut Kube,
     ) -> anyhow::Result<(Plane, admin::View)> {
         if let Some(why) = config.kubernetes.as_ref().and_then(|k| k.unresolved()) {
             anyhow::bail!("{}: {why}", config.file.display());
         }
         let background = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
         let identity = match config.identity {
             IdentityConfig::Files(files) => identity::files::spawn(
                 files,
@@ -290,13 +380,10 @@ impl Plane {
             identity.clone(),
             metrics.clone(),
             background.clone(),
+            &tasks,
         )?;
         let reading = CancellationToken::new();
-        let kube = config.kubernetes.map(|k| {
-            let meta = k8s::Metadata::new(k, metrics.clone());
-            meta.spawn(background.clone());
-            meta
-        });
+        let kube = kube.get(config.kubernetes, metrics);
         let tailer = Tailer::new(
             config.sources,
             config.tail,
@@ -326,11 +413,12 @@ impl Plane {
         );
         let tailing = tokio::spawn(tailer.clone().run(tx));
         let (sink_done, sink_done_rx) = oneshot::channel::<()>();
-        let checkpoints = tokio::spawn(tailer.checkpoint_loop(async {
+        let checkpoints = tokio::spawn(tailer.clone().checkpoint_loop(async {
             let _ = sink_done_rx.await;
         }));
         let plane = Plane {
-            file: config.file,
+            tailer,
+            tasks,
             background,
             reading,
             sink,
@@ -343,10 +431,41 @@ impl Plane {
         Ok((plane, view))
     }
 
+    /// Waits (at most `sink.shutdown_timeout`) until the files renamed or deleted away are read
+    /// and acknowledged to their end: the next plane can find a file rotated within its
+    /// directory by its checkpoint, but not one deleted or moved elsewhere.
+    async fn drain_rotated(&self) {
+        let until = tokio::time::Instant::now() + self.shutdown_timeout;
+        loop {
+            // Pending: moved away, and either its task has not reached its end since (it marks
+            // the file rotated there, with its size), or not all of it is acknowledged.
+            let pending = self
+                .tailer
+                .files()
+                .iter()
+                .filter(|f| f.moved_away())
+                .map(|f| f.status())
+                .filter(|f| f.state == tail::FileState::Active || f.committed_offset < f.size)
+                .count();
+            if pending == 0 {
+                return;
+            }
+            if tokio::time::Instant::now() >= until {
+                tracing::warn!(
+                    files = pending,
+                    "reloading before every rotated or deleted file was drained (sink.shutdown_timeout): the unread lines of a deleted one are lost"
+                );
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops reading, flushes what is in flight within `sink.shutdown_timeout` and writes the
     /// final checkpoints.
     async fn stop(self) {
         let Plane {
+            tasks,
             background,
             reading,
             sink,
@@ -381,5 +500,7 @@ impl Plane {
         let _ = sink_done.send(());
         let _ = checkpoints.await;
         background.cancel();
+        tasks.close();
+        tasks.wait().await;
     }
 }

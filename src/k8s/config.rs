@@ -13,7 +13,7 @@ use crate::loki::labels;
 /// Where the service account's token and CA are mounted in every pod.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KubernetesConfig {
     /// `spec.nodeName` of the pods whose logs are on this node; empty if not configured and
     /// not in the environment (see [`KubernetesConfig::unresolved`]).

@@ -38,6 +38,7 @@ pub fn spawn(
     identity: IdentityWatch,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> std::io::Result<Arc<ProbeStatus>> {
     let status = Arc::new(ProbeStatus {
         last: Arc::new(Mutex::new(BTreeMap::new())),
@@ -53,7 +54,7 @@ pub fn spawn(
             tls_cache: None,
             reuse: None,
         };
-        tokio::spawn(runner.run(cancel.clone()));
+        tasks.spawn(runner.run(cancel.clone()));
     }
     Ok(status)
 }
@@ -103,7 +104,12 @@ impl Runner {
                 _ = ticks.tick() => {}
                 _ = cancel.cancelled() => return,
             }
-            let result = self.run_once().await;
+            // A probe under way when ztail stops or reloads is abandoned: nothing is written to
+            // its spool after that (the next plane's probe opens it again).
+            let result = tokio::select! {
+                r = self.run_once() => r,
+                _ = cancel.cancelled() => return,
+            };
             self.record(result);
         }
     }

@@ -17,10 +17,16 @@ pub struct Spool {
 
 impl Spool {
     pub fn new(path: PathBuf) -> std::io::Result<Spool> {
+        let named = |e: std::io::Error| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot open the probe spool {}: {e}", path.display()),
+            )
+        };
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
+            fs::create_dir_all(dir).map_err(named)?;
         }
-        let file = open(&path)?;
+        let file = open(&path).map_err(named)?;
         let len = file.metadata()?.len();
         Ok(Spool { path, file, len })
     }

@@ -94,6 +94,11 @@ impl TrackedFile {
         std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino))
     }
 
+    /// Whether the file is no longer at its path: renamed or deleted away.
+    pub fn moved_away(&self) -> bool {
+        self.deleted.load(Ordering::Relaxed) || !self.is_at(&self.path())
+    }
+
     /// Bytes on disk not yet acknowledged by Loki.
     pub fn lag(&self) -> u64 {
         self.size

@@ -102,8 +102,7 @@ async fn reloads_apply_under_load_refuse_bad_configs_and_lose_or_repeat_nothing(
         "{status}"
     );
     // Still shipping, with the labels of the reload that was applied.
-    let now = written.load(Ordering::SeqCst);
-    let line = format!("a {:08}", now + 40);
+    let line = format!("a {:08}", written.load(Ordering::SeqCst) + 40);
     assert!(
         rx.wait_for(|e| e.iter().any(|e| e.line == line), WAIT)
             .await,
@@ -223,8 +222,85 @@ async fn watch_config_reloads_when_the_file_changes_and_tries_refused_content_on
         .await;
     append_lines(&a, "a", 100..200);
     assert!(rx.wait_for(|e| e.len() >= 200, WAIT).await);
+    tokio::time::sleep(Duration::from_millis(500)).await; // would-be duplicates arrive too
     let jobs = jobs(&rx);
     assert!((0..100).all(|n| jobs[&format!("a {n:08}")] == "app"));
     assert!((100..200).all(|n| jobs[&format!("a {n:08}")] == "app2"));
     assert_eq!(rx.entries().len(), 200, "a reload sent lines twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_config_that_cannot_start_gives_way_to_the_running_one() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let v1 = env.config(&rx.url(), "", "");
+    let zt = Ztail::start(&env, &v1);
+    zt.wait_up().await;
+    let a = env.path("logs/a.log");
+    append_lines(&a, "a", 0..100);
+    assert!(rx.wait_for(|e| e.len() >= 100, WAIT).await);
+
+    // Valid to every check, but its probe's spool cannot be opened (a directory is in the way).
+    std::fs::create_dir_all(env.path("state/probes/blocked.log")).unwrap();
+    zt.write_config(&format!(
+        "{}\n[[probes]]\nname = \"blocked\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:9\"\ninterval = \"2s\"\ntimeout = \"300ms\"\n",
+        v1.replace(r#"labels = { job = "app" }"#, r#"labels = { job = "app2" }"#)
+    ));
+    let (code, body) = zt.post("/-/reload").await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("cannot open the probe spool") && body.contains("blocked.log"),
+        "{body}"
+    );
+    assert_eq!(
+        zt.metric("ztail_config_reloads_total{result=\"invalid\"}")
+            .await,
+        1.0
+    );
+    // The config that ran is running again: same labels, nothing lost or repeated.
+    append_lines(&a, "a", 100..200);
+    assert!(
+        rx.wait_for(|e| e.len() >= 200, WAIT).await,
+        "shipping did not resume; log:\n{}",
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // would-be duplicates arrive too
+    let jobs = jobs(&rx);
+    assert!((0..200).all(|n| jobs[&format!("a {n:08}")] == "app"));
+    assert_eq!(rx.entries().len(), 200, "lines sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_deleted_just_before_a_reload_is_drained_first() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    let config = env
+        .config(&rx.url(), "", "")
+        .replace(r#"shutdown_timeout = "5s""#, r#"shutdown_timeout = "60s""#);
+    assert!(config.contains("60s"));
+    let zt = Ztail::start(&env, &config);
+    zt.wait_up().await;
+    let d = env.path("logs/d.log");
+    append_lines(&d, "d", 0..10);
+    assert!(rx.wait_for(|e| e.len() >= 10, WAIT).await);
+
+    // Slow answers hold reading back: more is written than the pipeline buffers, and the
+    // file is deleted (and ztail told to reload) while most of it is unread.
+    rx.push_faults(
+        (0..8).map(|_| crate::support::receiver::Fault::Slow(Duration::from_millis(500))),
+    );
+    const N: usize = 600_000; // 9 MB of lines
+    append_lines(&d, "d", 10..N);
+    std::fs::remove_file(&d).unwrap();
+    zt.hup();
+    zt.wait_metric("ztail_config_reloads_total{result=\"ok\"}", |v| v == 1.0)
+        .await;
+    assert!(
+        rx.wait_for_distinct_lines(N, WAIT).await,
+        "{} of {N} lines of the deleted file arrived; log:\n{}",
+        rx.distinct_entries().len(),
+        zt.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // would-be duplicates arrive too
+    assert_eq!(rx.entries().len(), N, "lines sent twice");
 }

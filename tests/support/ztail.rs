@@ -475,11 +475,15 @@ impl Ztail {
     /// Replaces the config file ztail runs with (keeping its admin address); ztail reads it
     /// at its next reload or restart.
     pub fn write_config(&self, config: &str) {
+        // Whole or not at all, as an editor or a ConfigMap update writes it: `--watch-config`
+        // must not see half a file.
+        let tmp = self.config_path.with_extension("toml.new");
         fs::write(
-            &self.config_path,
+            &tmp,
             format!("{config}\n[admin]\nlisten = \"{}\"\n", self.admin),
         )
         .unwrap();
+        fs::rename(&tmp, &self.config_path).unwrap();
     }
 
     /// Sends SIGHUP (reload).
