@@ -109,47 +109,15 @@ pub fn validate(config: &Config) -> anyhow::Result<Vec<String>> {
     Ok(warnings)
 }
 
-/// The settings a reload cannot change: they are taken once, at start.
-#[derive(PartialEq)]
-struct Fixed {
-    state_dir: std::path::PathBuf,
-    admin_listen: std::net::SocketAddr,
-    log_format: String,
-    log_level: String,
-    allow_tls12: bool,
-}
-
-impl Fixed {
-    fn of(c: &Config) -> Fixed {
-        Fixed {
-            state_dir: c.state_dir.clone(),
-            admin_listen: c.admin.listen,
-            log_format: format!("{:?}", c.log.format),
-            log_level: c.log.level.clone(),
-            allow_tls12: c.sink.allow_tls12,
-        }
-    }
-
-    /// What differs from `new`, as the keys an operator would change.
-    fn changed(&self, new: &Fixed) -> Vec<&'static str> {
-        let mut keys = Vec::new();
-        if self.state_dir != new.state_dir {
-            keys.push("state_dir");
-        }
-        if self.admin_listen != new.admin_listen {
-            keys.push("admin.listen");
-        }
-        if self.log_format != new.log_format {
-            keys.push("log.format");
-        }
-        if self.log_level != new.log_level {
-            keys.push("log.level");
-        }
-        if self.allow_tls12 != new.allow_tls12 {
-            keys.push("sink.allow_tls12");
-        }
-        keys
-    }
+/// The settings a reload cannot change (they are taken once, at start), by key.
+fn fixed(c: &Config) -> [(&'static str, String); 5] {
+    [
+        ("state_dir", c.state_dir.display().to_string()),
+        ("admin.listen", c.admin.listen.to_string()),
+        ("log.format", format!("{:?}", c.log.format)),
+        ("log.level", c.log.level.clone()),
+        ("sink.allow_tls12", c.sink.allow_tls12.to_string()),
+    ]
 }
 
 /// Runs ztail until `shutdown` is cancelled, then stops reading, flushes what is in flight
@@ -178,26 +146,29 @@ pub async fn run(
     }
     let metrics = Arc::new(Metrics::new());
     let state_dir = Arc::new(StateDir::open(&config.state_dir)?);
-    let fixed = Fixed::of(&config);
+    let fixed = fixed(&config);
     let admin_listen = config.admin.listen;
     let url = config.sink.url.clone();
     let path = config.file.clone();
     // The text of the running config: started again if a reloaded one fails to start.
     let mut running = std::fs::read_to_string(&path).ok();
     let mut kube = Kube::default();
-    let (mut plane, view) = Plane::start(config, &metrics, &state_dir, &mut kube)?;
+    let (plane, view) = Plane::start(config, &metrics, &state_dir, &mut kube)?;
+    // None only when a SIGTERM came during a reload's flush: it is stopped already.
+    let mut plane = Some(plane);
     let admin = Arc::new(admin::Admin::new(metrics.clone(), view, reloads.handle()));
     let background = CancellationToken::new();
     let admin_addr = admin.clone().bind(admin_listen, background.clone()).await?;
     tracing::info!(admin = %admin_addr, loki = %url, "ztail started");
 
-    loop {
+    while let Some(running_plane) = plane.take() {
         let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = reloads.rx.recv() => match r {
-                Some(r) => r,
-                None => break,
-            },
+            _ = shutdown.cancelled() => None,
+            r = reloads.rx.recv() => r,
+        };
+        let Some(first) = first else {
+            plane = Some(running_plane);
+            break;
         };
         // Requests made while one waited are answered by the same reload.
         let mut requests = vec![first];
@@ -210,19 +181,17 @@ pub async fn run(
                     tracing::warn!("{w}");
                 }
                 tracing::info!(config = %path.display(), "reloading: draining rotated files, then flushing batches in flight");
-                plane.drain_rotated().await;
-                plane.stop().await;
+                running_plane.drain_rotated().await;
+                running_plane.stop().await;
                 if shutdown.is_cancelled() {
                     for r in requests {
                         let _ = r.send(Err("ztail is shutting down".into()));
                     }
-                    background.cancel();
-                    tracing::info!("stopped; checkpoints written");
-                    return Ok(());
+                    break;
                 }
                 match Plane::start(c, &metrics, &state_dir, &mut kube) {
                     Ok((p, view)) => {
-                        plane = p;
+                        plane = Some(p);
                         running = Some(text);
                         admin.set_view(view);
                         tracing::info!(config = %path.display(), "config reloaded");
@@ -242,7 +211,7 @@ pub async fn run(
                                 "{why}; and the previous config cannot start again: {e2:#}"
                             )
                         })?;
-                        plane = p;
+                        plane = Some(p);
                         admin.set_view(view);
                         Err(why)
                     }
@@ -250,6 +219,7 @@ pub async fn run(
             }
             Err(why) => {
                 tracing::error!(config = %path.display(), error = %why, "config not reloaded; the running config stays");
+                plane = Some(running_plane);
                 Err(why)
             }
         };
@@ -258,8 +228,10 @@ pub async fn run(
             let _ = r.send(outcome.clone());
         }
     }
-    tracing::info!(timeout = ?plane.shutdown_timeout, "shutting down: reading stopped, flushing batches in flight");
-    plane.stop().await;
+    if let Some(plane) = plane {
+        tracing::info!(timeout = ?plane.shutdown_timeout, "shutting down: reading stopped, flushing batches in flight");
+        plane.stop().await;
+    }
     kube.stop();
     background.cancel();
     tracing::info!("stopped; checkpoints written");
@@ -270,13 +242,18 @@ pub async fn run(
 /// why it is refused.
 fn load_for_reload(
     path: &std::path::Path,
-    fixed: &Fixed,
+    running: &[(&'static str, String)],
 ) -> Result<(Config, String, Vec<String>), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
     let config = Config::parse(path, &text).map_err(|e| e.to_string())?;
     let warnings = validate(&config).map_err(|e| format!("{e:#}"))?;
-    let keys = fixed.changed(&Fixed::of(&config));
+    let keys: Vec<&str> = running
+        .iter()
+        .zip(fixed(&config))
+        .filter(|(old, new)| **old != *new)
+        .map(|(old, _)| old.0)
+        .collect();
     if !keys.is_empty() {
         return Err(format!(
             "{}: {} cannot change on reload; restart ztail to apply it",
