@@ -98,13 +98,6 @@ pub struct SinkStatus {
     pub requests_ok: u64,
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 impl Admin {
     pub fn new(metrics: Arc<Metrics>, view: View, reload: crate::ReloadHandle) -> Admin {
         Admin {
@@ -130,7 +123,7 @@ impl Admin {
             })
             .inc();
         *lock(&self.last_reload) = Some(ReloadStatus {
-            at_unix: unix_now(),
+            at_unix: crate::pipeline::unix_seconds(),
             ok: outcome.is_ok(),
             error: outcome.as_ref().err().cloned(),
         });
@@ -291,7 +284,7 @@ impl Admin {
     }
 
     pub fn status(&self) -> Status {
-        let now = unix_now();
+        let now = crate::pipeline::unix_seconds();
         let view = self.view();
         let identity = view.identity.borrow().clone().map(|id| {
             let not_after = id

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::Value;
@@ -16,7 +16,7 @@ pub fn show(addr: SocketAddr) -> anyhow::Result<String> {
     })?;
     let status: Value = serde_json::from_str(&body)
         .context("the admin endpoint answered something other than ztail's status JSON")?;
-    Ok(render(&status, unix_now()))
+    Ok(render(&status, ztail::pipeline::unix_seconds()))
 }
 
 fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
@@ -34,13 +34,6 @@ fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
         head.lines().next().unwrap_or("")
     );
     Ok(body.to_owned())
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Renders the status JSON; pure, so it is unit-tested.

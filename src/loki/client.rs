@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
@@ -73,7 +73,8 @@ pub struct SinkState {
 impl SinkState {
     fn succeeded(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        self.last_success_unix.store(unix_now(), Ordering::Relaxed);
+        self.last_success_unix
+            .store(crate::pipeline::unix_seconds(), Ordering::Relaxed);
         self.requests_ok.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -86,13 +87,6 @@ impl SinkState {
     pub fn is_failing(&self) -> bool {
         self.consecutive_failures.load(Ordering::Relaxed) > 0
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// The Loki push client.

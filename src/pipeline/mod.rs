@@ -63,6 +63,11 @@ pub fn unix_nanos() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
+/// The wall clock in Unix seconds, for what `/status` shows.
+pub fn unix_seconds() -> i64 {
+    unix_nanos() / 1_000_000_000
+}
+
 /// Locks a mutex, ignoring poisoning: every critical section in ztail leaves its data
 /// consistent at each step, and the release profile aborts on panic anyway.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
