@@ -59,6 +59,20 @@ pub fn lines_of(rx: &Receiver, path: &std::path::Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Waits until `n` distinct lines are stored, gives would-be duplicates half a second to
+/// arrive too, and asserts that `n` entries are stored: each line once. `log` is shown if they
+/// never arrive. (Which lines they are is the caller's to check.)
+pub async fn assert_once(rx: &Receiver, n: usize, log: impl Fn() -> String) {
+    assert!(
+        rx.wait_for_distinct_lines(n, WAIT).await,
+        "{} of {n} lines arrived; log:\n{}",
+        rx.distinct_entries().len(),
+        log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.entries().len(), n, "lines sent twice");
+}
+
 /// Asserts that `lines` hold exactly the lines of `want`, each at least once (at-least-once
 /// delivery); returns how many arrived twice or more.
 #[track_caller]
