@@ -775,8 +775,12 @@ async fn queue(
         }
         None => streams,
     };
+    // A small read keeps only what it holds while its entries wait for Loki.
     if data.capacity() > 2 * data.len() + 4096 {
         data.shrink_to_fit();
+    }
+    if entries.capacity() > 2 * entries.len() + 64 {
+        entries.shrink_to_fit();
     }
     let data = bytes::Bytes::from(data);
     let meta: Arc<[Meta]> = meta.into();
