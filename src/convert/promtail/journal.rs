@@ -212,7 +212,7 @@ fn relabel(
         let rat = format!("{at}.relabel_configs[{i}]");
         c.report.rest(&rat, &r.rest, |_| None);
         let action = r.action();
-        let (regex, replacement) = (r.regex(), r.replacement());
+        let replacement = r.replacement();
         let (default_regex, plain) = (r.takes_all(), r.plain_replacement());
         match action.as_str() {
             "replace" => {
@@ -259,10 +259,8 @@ fn relabel(
                     [one] => resolve(&fields, one),
                     _ => None,
                 };
-                let empty = regex::Regex::new(&format!("^(?:{regex})$"))
-                    .is_ok_and(|re| re.is_match(""));
                 match field {
-                    _ if empty => c.report.not_converted(
+                    _ if r.matches_empty() => c.report.not_converted(
                         rat,
                         "the regex matches an empty value: Promtail tests a missing field as \"\", ztail's stages never match a missing field",
                     ),
@@ -271,7 +269,7 @@ fn relabel(
                         let mut t = Table::new(format!("promtail: {rat}"));
                         t.set("type", action.as_str());
                         t.set("field", name);
-                        t.set("value", format!("^(?:{regex})$"));
+                        t.set("value", r.anchored());
                         tests.push(t);
                     }
                     _ => c.report.not_converted(
@@ -280,16 +278,12 @@ fn relabel(
                     ),
                 }
             }
-            "labeldrop" | "labelkeep" => match regex::Regex::new(&format!("^(?:{regex})$")) {
-                Ok(re) => {
-                    let drop = action == "labeldrop";
-                    fields.retain(|t, _| t.starts_with("__") || re.is_match(t) != drop);
-                    constants.retain(|t, _| re.is_match(t) != drop);
+            "labeldrop" | "labelkeep" => {
+                if let Err(e) = r.filter_labels(&mut fields, &mut constants) {
+                    c.report
+                        .not_converted(rat, format!("not a regex ztail reads: {e}"));
                 }
-                Err(e) => c
-                    .report
-                    .not_converted(rat, format!("not a regex ztail reads: {e}")),
-            },
+            }
             "labelmap" => c.report.not_converted(
                 rat,
                 "ztail makes labels only of the journal fields it names: add each to journal.fields and a labels stage",

@@ -255,9 +255,8 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
                         }),
                     _ => None,
                 };
-                let empty = regex::Regex::new(&format!("^(?:{regex})$")).is_ok_and(|re| re.is_match(""));
                 match label {
-                    _ if empty => c.report.not_converted(
+                    _ if r.matches_empty() => c.report.not_converted(
                         rat,
                         "the regex matches an empty value: Promtail tests a missing label as \"\", ztail's stages never match a missing label",
                     ),
@@ -269,7 +268,7 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
                         let mut t = Table::new(format!("promtail: {rat}"));
                         t.set("type", action.as_str());
                         t.set("label", l);
-                        t.set("value", format!("^(?:{regex})$"));
+                        t.set("value", r.anchored());
                         filters.push(t);
                     }
                     None => c.report.not_converted(
@@ -283,14 +282,8 @@ pub(super) fn source(c: &mut Converter, at: &str, sc: &ScrapeConfig) -> Option<S
                 "ztail makes labels only of the pod metadata the config names: add a [kubernetes.labels] entry (`app = \"pod_label:app\"`) for each label you query by",
             ),
             "labeldrop" | "labelkeep" => {
-                let re = regex::Regex::new(&format!("^(?:{regex})$"));
-                match re {
-                    Ok(re) => {
-                        let drop = action == "labeldrop";
-                        fields.retain(|t, _| t.starts_with("__") || re.is_match(t) != drop);
-                        constants.retain(|t, _| re.is_match(t) != drop);
-                    }
-                    Err(e) => c.report.not_converted(rat, format!("not a regex ztail reads: {e}")),
+                if let Err(e) = r.filter_labels(&mut fields, &mut constants) {
+                    c.report.not_converted(rat, format!("not a regex ztail reads: {e}"));
                 }
             }
             other => c.report.not_converted(rat, format!("action {other:?} has no ztail counterpart")),

@@ -150,6 +150,30 @@ impl Relabel {
         self.regex.as_deref().unwrap_or("(.*)")
     }
 
+    /// The regex anchored, as Prometheus applies it: to the whole value.
+    pub fn anchored(&self) -> String {
+        format!("^(?:{})$", self.regex())
+    }
+
+    /// Whether it matches an empty value, which is how Promtail sees a missing label.
+    pub fn matches_empty(&self) -> bool {
+        regex::Regex::new(&self.anchored()).is_ok_and(|re| re.is_match(""))
+    }
+
+    /// `labeldrop` / `labelkeep`: keeps the labels (targets) the action keeps; temporary `__`
+    /// targets in `fields` stay. An error if ztail cannot read the regex.
+    pub fn filter_labels<V>(
+        &self,
+        fields: &mut BTreeMap<String, V>,
+        constants: &mut BTreeMap<String, (String, String)>,
+    ) -> Result<(), regex::Error> {
+        let re = regex::Regex::new(&self.anchored())?;
+        let drop = self.action() == "labeldrop";
+        fields.retain(|t, _| t.starts_with("__") || re.is_match(t) != drop);
+        constants.retain(|t, _| re.is_match(t) != drop);
+        Ok(())
+    }
+
     /// Whether the regex takes a value whole (the default, or what configs write for it).
     pub fn takes_all(&self) -> bool {
         matches!(self.regex(), "(.*)" | "^(.*)$" | ".*" | "(.+)")
