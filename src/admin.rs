@@ -40,11 +40,35 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the admin endpoint reads from, replaced at each reload.
 pub struct View {
-    pub tailer: Arc<Tailer>,
-    pub sink: Arc<Sink>,
+    /// At least one, in the config's order.
+    pub sinks: Vec<SinkView>,
     pub identity: IdentityWatch,
     pub probes: Arc<crate::probe::ProbeStatus>,
     pub kube: Option<Arc<crate::k8s::Metadata>>,
+}
+
+/// A sink and the tailer that reads for it.
+pub struct SinkView {
+    pub name: String,
+    pub url: String,
+    pub tailer: Arc<Tailer>,
+    pub sink: Arc<Sink>,
+}
+
+impl SinkView {
+    fn status(&self) -> SinkStatus {
+        let st = &self.sink.state;
+        SinkStatus {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            failing: st.is_failing(),
+            consecutive_failures: st.consecutive_failures.load(Ordering::Relaxed),
+            last_error: lock(&st.last_error).clone(),
+            last_success_unix: st.last_success_unix.load(Ordering::Relaxed),
+            requests_ok: st.requests_ok.load(Ordering::Relaxed),
+            lag_bytes: self.tailer.files().iter().map(|f| f.lag()).sum(),
+        }
+    }
 }
 
 /// The admin endpoint: the metrics, the running parts (a [`View`]) and the way to reload.
@@ -69,7 +93,12 @@ pub struct Status {
     pub version: &'static str,
     pub ready: bool,
     pub identity: Option<IdentityStatus>,
+    /// The first sink (the only one of a `[sink]` table).
     pub sink: SinkStatus,
+    /// Every sink, the first one included.
+    pub sinks: Vec<SinkStatus>,
+    /// The files as the first sink's tailer sees them (each sink has its own positions; see
+    /// `sinks[].lag_bytes`).
     pub files: Vec<FileStatus>,
     pub probes: Vec<crate::probe::ProbeResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,11 +120,15 @@ pub struct IdentityStatus {
 
 #[derive(Serialize)]
 pub struct SinkStatus {
+    pub name: String,
+    pub url: String,
     pub failing: bool,
     pub consecutive_failures: u64,
     pub last_error: Option<String>,
     pub last_success_unix: i64,
     pub requests_ok: u64,
+    /// Bytes of the tracked files this sink has not acknowledged yet.
+    pub lag_bytes: u64,
 }
 
 impl Admin {
@@ -270,11 +303,15 @@ impl Admin {
             }
             Some(_) => {}
         }
-        if view.sink.state.is_failing() {
-            let err = lock(&view.sink.state.last_error)
-                .clone()
-                .unwrap_or_default();
-            return (false, format!("not ready: sink failing: {err}"));
+        for s in &view.sinks {
+            if s.sink.state.is_failing() {
+                let err = lock(&s.sink.state.last_error).clone().unwrap_or_default();
+                let name = match view.sinks.len() {
+                    1 => String::new(),
+                    _ => format!(" {:?}", s.name),
+                };
+                return (false, format!("not ready: sink{name} failing: {err}"));
+            }
         }
         // Missing pod metadata degrades labels, not delivery: ready, and the body says so.
         match view.kube.as_ref().and_then(|k| k.degraded()) {
@@ -301,19 +338,19 @@ impl Admin {
                 updates: self.metrics.identity_reloads.get(),
             }
         });
-        let st = &view.sink.state;
+        let sinks: Vec<SinkStatus> = view.sinks.iter().map(SinkView::status).collect();
         Status {
             version: env!("CARGO_PKG_VERSION"),
             ready: self.readiness().0,
             identity,
-            sink: SinkStatus {
-                failing: st.is_failing(),
-                consecutive_failures: st.consecutive_failures.load(Ordering::Relaxed),
-                last_error: lock(&st.last_error).clone(),
-                last_success_unix: st.last_success_unix.load(Ordering::Relaxed),
-                requests_ok: st.requests_ok.load(Ordering::Relaxed),
-            },
-            files: view.tailer.files().iter().map(|f| f.status()).collect(),
+            sink: view.sinks[0].status(),
+            sinks,
+            files: view.sinks[0]
+                .tailer
+                .files()
+                .iter()
+                .map(|f| f.status())
+                .collect(),
             probes: view.probes.results(),
             kubernetes: view.kube.as_ref().map(|k| k.status()),
             last_reload: lock(&self.last_reload).clone(),

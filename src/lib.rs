@@ -96,7 +96,7 @@ pub fn validate(config: &Config) -> anyhow::Result<Vec<String>> {
             .collect();
         if missing.is_empty() {
             let metrics = Arc::new(Metrics::new());
-            identity::files::load(files, &config.sink.policy, &metrics)
+            identity::files::load(files, &config.sink().policy, &metrics)
                 .map_err(|e| anyhow::anyhow!("{}: identity: {e:#}", config.file.display()))?;
         }
         for p in missing {
@@ -116,7 +116,7 @@ fn fixed(c: &Config) -> [(&'static str, String); 5] {
         ("admin.listen", c.admin.listen.to_string()),
         ("log.format", format!("{:?}", c.log.format)),
         ("log.level", c.log.level.clone()),
-        ("sink.allow_tls12", c.sink.allow_tls12.to_string()),
+        ("sink.allow_tls12", c.sink().allow_tls12.to_string()),
     ]
 }
 
@@ -134,12 +134,12 @@ pub async fn run(
     shutdown: CancellationToken,
     mut reloads: Reloads,
 ) -> anyhow::Result<()> {
-    if !identity::install_tls_provider(config.sink.allow_tls12) {
+    if !identity::install_tls_provider(config.sink().allow_tls12) {
         tracing::warn!(
             "a TLS provider was installed before ztail's: sink.allow_tls12 may not apply"
         );
     }
-    if config.sink.allow_tls12 {
+    if config.sink().allow_tls12 {
         tracing::warn!(
             "sink.allow_tls12 is set: TLS 1.2 sends ztail's certificate, and with it its SPIFFE ID, in the clear"
         );
@@ -148,7 +148,12 @@ pub async fn run(
     let state_dir = Arc::new(StateDir::open(&config.state_dir)?);
     let fixed = fixed(&config);
     let admin_listen = config.admin.listen;
-    let url = config.sink.url.clone();
+    let url = config
+        .sinks
+        .iter()
+        .map(|s| s.url.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
     let path = config.file.clone();
     // The text of the running config: started again if a reloaded one fails to start.
     let mut running = std::fs::read_to_string(&path).ok();
@@ -303,12 +308,22 @@ impl Kube {
 
 /// Everything that reads, identifies and sends, started from one config.
 struct Plane {
-    tailer: Arc<Tailer>,
+    /// One per sink, in the config's order.
+    lanes: Vec<Lane>,
     /// The probes' tasks: each writes its spool, which the next plane's probe opens again.
     tasks: tokio_util::task::TaskTracker,
     /// Identity and probes.
     background: CancellationToken,
     reading: CancellationToken,
+    /// The longest of the sinks' `shutdown_timeout`.
+    shutdown_timeout: std::time::Duration,
+}
+
+/// A sink and the tailer that reads for it: its own positions (its checkpoint file), its own
+/// batches, permits and requests. A sink that is down or slow holds back only its own reading;
+/// the files are its buffer.
+struct Lane {
+    tailer: Arc<Tailer>,
     sink: Arc<Sink>,
     tailing: tokio::task::JoinHandle<()>,
     batcher: tokio::task::JoinHandle<()>,
@@ -329,28 +344,16 @@ impl Plane {
         }
         let background = CancellationToken::new();
         let tasks = tokio_util::task::TaskTracker::new();
+        let policy = config.sink().policy.clone();
         let identity = match config.identity {
-            IdentityConfig::Files(files) => identity::files::spawn(
-                files,
-                config.sink.policy.clone(),
-                metrics.clone(),
-                background.clone(),
-            ),
-            IdentityConfig::Spiffe(workload) => identity::workload::spawn(
-                workload,
-                config.sink.policy.clone(),
-                metrics.clone(),
-                background.clone(),
-            ),
+            IdentityConfig::Files(files) => {
+                identity::files::spawn(files, policy, metrics.clone(), background.clone())
+            }
+            IdentityConfig::Spiffe(workload) => {
+                identity::workload::spawn(workload, policy, metrics.clone(), background.clone())
+            }
         };
-        let tracker = Arc::new(AckTracker::default());
-        let sink = Arc::new(Sink::new(
-            (&config.sink).into(),
-            identity.clone(),
-            metrics.clone(),
-            tracker.clone(),
-        ));
-        // Probes spool into the state directory; their spools are sources of the tailer.
+        // Probes spool into the state directory; their spools are sources of the tailers.
         let probes = probe::spawn(
             config.probes,
             &config.state_dir,
@@ -361,65 +364,106 @@ impl Plane {
         )?;
         let reading = CancellationToken::new();
         let kube = kube.get(config.kubernetes, metrics);
-        let tailer = Tailer::new(
-            config.sources,
-            config.tail,
-            state_dir.clone(),
-            metrics.clone(),
-            reading.clone(),
-            kube.clone(),
-        );
+        let names: Vec<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
+        state_dir.drop_other_sinks(&names);
+        metrics.forget_sink_gauges();
+        let mut lanes = Vec::with_capacity(config.sinks.len());
+        let mut views = Vec::with_capacity(config.sinks.len());
+        for (i, sc) in config.sinks.iter().enumerate() {
+            let sources: Vec<_> = config
+                .sources
+                .iter()
+                .filter(|s| s.sinks.is_empty() || s.sinks.contains(&sc.name))
+                .cloned()
+                .collect();
+            let tracker = Arc::new(AckTracker::default());
+            let mut settings = loki::client::SinkSettings::from(sc);
+            if i > 0 {
+                settings.policy = Some(sc.policy.clone());
+            }
+            let sink = Arc::new(Sink::new(
+                settings,
+                identity.clone(),
+                metrics.clone(),
+                tracker.clone(),
+            ));
+            let tailer = Tailer::new(
+                sources,
+                config.tail.clone(),
+                Arc::new(state_dir.for_sink(&sc.name)),
+                metrics.clone(),
+                reading.clone(),
+                kube.clone(),
+                tail::Lane {
+                    sink: sc.name.clone(),
+                    file_gauges: i == 0,
+                },
+            );
+            let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+            let batcher = tokio::spawn(
+                Batcher {
+                    rx,
+                    batch_bytes: sc.batch_bytes,
+                    batch_wait: sc.batch_wait,
+                    tracker,
+                    sink: sink.clone(),
+                    permits: Arc::new(Semaphore::new(sc.max_in_flight)),
+                }
+                .run(),
+            );
+            let tailing = tokio::spawn(tailer.clone().run(tx));
+            let (sink_done, sink_done_rx) = oneshot::channel::<()>();
+            let checkpoints = tokio::spawn(tailer.clone().checkpoint_loop(async {
+                let _ = sink_done_rx.await;
+            }));
+            views.push(admin::SinkView {
+                name: sc.name.clone(),
+                url: sc.url.to_string(),
+                tailer: tailer.clone(),
+                sink: sink.clone(),
+            });
+            lanes.push(Lane {
+                tailer,
+                sink,
+                tailing,
+                batcher,
+                checkpoints,
+                sink_done,
+                shutdown_timeout: sc.shutdown_timeout,
+            });
+        }
         let view = admin::View {
-            tailer: tailer.clone(),
-            sink: sink.clone(),
+            sinks: views,
             identity,
             probes,
             kube,
         };
-        let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
-        let batcher = tokio::spawn(
-            Batcher {
-                rx,
-                batch_bytes: config.sink.batch_bytes,
-                batch_wait: config.sink.batch_wait,
-                tracker,
-                sink: sink.clone(),
-                permits: Arc::new(Semaphore::new(config.sink.max_in_flight)),
-            }
-            .run(),
-        );
-        let tailing = tokio::spawn(tailer.clone().run(tx));
-        let (sink_done, sink_done_rx) = oneshot::channel::<()>();
-        let checkpoints = tokio::spawn(tailer.clone().checkpoint_loop(async {
-            let _ = sink_done_rx.await;
-        }));
         let plane = Plane {
-            tailer,
+            shutdown_timeout: lanes
+                .iter()
+                .map(|l| l.shutdown_timeout)
+                .max()
+                .unwrap_or_default(),
+            lanes,
             tasks,
             background,
             reading,
-            sink,
-            tailing,
-            batcher,
-            checkpoints,
-            sink_done,
-            shutdown_timeout: config.sink.shutdown_timeout,
         };
         Ok((plane, view))
     }
 
     /// Waits (at most `sink.shutdown_timeout`) until the files renamed or deleted away are read
-    /// and acknowledged to their end: the next plane can find a file rotated within its
-    /// directory by its checkpoint, but not one deleted or moved elsewhere.
+    /// and acknowledged to their end by every sink: the next plane can find a file rotated
+    /// within its directory by its checkpoint, but not one deleted or moved elsewhere.
     async fn drain_rotated(&self) {
         let until = tokio::time::Instant::now() + self.shutdown_timeout;
         loop {
             // Pending: moved away, and either its task has not reached its end since (it marks
             // the file rotated there, with its size), or not all of it is acknowledged.
             let pending = self
-                .tailer
-                .files()
+                .lanes
                 .iter()
+                .flat_map(|l| l.tailer.files())
                 .filter(|f| f.moved_away())
                 .map(|f| f.status())
                 .filter(|f| f.state == tail::FileState::Active || f.committed_offset < f.size)
@@ -438,13 +482,27 @@ impl Plane {
         }
     }
 
-    /// Stops reading, flushes what is in flight within `sink.shutdown_timeout` and writes the
-    /// final checkpoints.
+    /// Stops reading, flushes what is in flight within each sink's `shutdown_timeout` and
+    /// writes the final checkpoints.
     async fn stop(self) {
         let Plane {
+            lanes,
             tasks,
             background,
             reading,
+            ..
+        } = self;
+        reading.cancel();
+        futures::future::join_all(lanes.into_iter().map(Lane::stop)).await;
+        background.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+}
+
+impl Lane {
+    async fn stop(self) {
+        let Lane {
             sink,
             mut tailing,
             mut batcher,
@@ -453,7 +511,6 @@ impl Plane {
             shutdown_timeout,
             ..
         } = self;
-        reading.cancel();
         let flushed = tokio::time::timeout(shutdown_timeout, async {
             let _ = (&mut tailing).await;
             let _ = (&mut batcher).await;
@@ -462,6 +519,7 @@ impl Plane {
         .await;
         if flushed.is_err() {
             tracing::warn!(
+                sink = %sink.name(),
                 "shutdown timeout reached with batches unacknowledged; they will be read and sent again"
             );
             sink.stop();
@@ -476,8 +534,5 @@ impl Plane {
         }
         let _ = sink_done.send(());
         let _ = checkpoints.await;
-        background.cancel();
-        tasks.close();
-        tasks.wait().await;
     }
 }

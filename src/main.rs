@@ -299,8 +299,33 @@ fn check(path: &std::path::Path) -> ExitCode {
         "{}: ok ({} source(s), Loki at {})",
         path.display(),
         config.sources.len(),
-        config.sink.url
+        config
+            .sinks
+            .iter()
+            .map(|s| s.url.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    if config.sinks.len() > 1 {
+        // Which sink gets which source: each reads it with positions of its own.
+        for sink in &config.sinks {
+            let sources: Vec<&str> = config
+                .sources
+                .iter()
+                .filter(|s| s.sinks.is_empty() || s.sinks.contains(&sink.name))
+                .map(|s| s.name.as_str())
+                .collect();
+            println!(
+                "sink {} ({}): {}",
+                sink.name,
+                sink.url,
+                match sources.is_empty() {
+                    true => "no sources".to_owned(),
+                    false => sources.join(", "),
+                }
+            );
+        }
+    }
     if let Some(k) = &config.kubernetes {
         if let Some(why) = k.unresolved() {
             eprintln!("ztail: warning: {why} (fine off the node; `ztail run` needs it)");

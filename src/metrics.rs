@@ -97,6 +97,11 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: LabelValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabel {
     pub path: LabelValue,
 }
@@ -125,6 +130,9 @@ pub struct Metrics {
     pub kubernetes_metadata_missing: Counter,
     pub entries_sent: Counter,
     pub bytes_sent: Counter,
+    pub sink_entries_sent: Family<SinkLabel, Counter>,
+    pub sink_lag_bytes: Family<SinkLabel, Gauge>,
+    pub sink_failing: Family<SinkLabel, Gauge>,
     pub push_requests: Family<StatusLabel, Counter>,
     pub push_retries: Counter,
     pub dropped_entries: Family<ReasonLabel, Counter>,
@@ -170,6 +178,9 @@ impl Metrics {
             kubernetes_metadata_missing: Counter::default(),
             entries_sent: Counter::default(),
             bytes_sent: Counter::default(),
+            sink_entries_sent: Family::default(),
+            sink_lag_bytes: Family::default(),
+            sink_failing: Family::default(),
             push_requests: Family::default(),
             push_retries: Counter::default(),
             dropped_entries: Family::default(),
@@ -284,6 +295,21 @@ impl Metrics {
             "entries_sent",
             "Entries acknowledged by Loki",
             m.entries_sent.clone(),
+        );
+        registry.register(
+            "sink_entries_sent",
+            "Entries acknowledged, by sink (each sink ships its sources' entries once)",
+            m.sink_entries_sent.clone(),
+        );
+        registry.register(
+            "sink_lag_bytes",
+            "Bytes of the tracked files a sink has not acknowledged yet",
+            m.sink_lag_bytes.clone(),
+        );
+        registry.register(
+            "sink_failing",
+            "1 while a sink's last push attempt failed",
+            m.sink_failing.clone(),
         );
         registry.register(
             "bytes_sent",
@@ -463,6 +489,34 @@ impl Metrics {
             .get_or_create(&SourceLabel {
                 source: source.into(),
             })
+            .clone()
+    }
+
+    /// The gauge of the bytes sink `sink` has not acknowledged yet.
+    pub fn sink_lag(&self, sink: &str) -> Gauge {
+        self.sink_lag_bytes
+            .get_or_create(&SinkLabel { sink: sink.into() })
+            .clone()
+    }
+
+    /// Removes the sinks' gauges before a plane's sinks are made, so that a sink removed by a
+    /// reload leaves none behind; the counters stay, as counters do.
+    pub fn forget_sink_gauges(&self) {
+        self.sink_lag_bytes.clear();
+        self.sink_failing.clear();
+    }
+
+    /// The counter of entries sink `sink` delivered.
+    pub fn sink_sent(&self, sink: &str) -> Counter {
+        self.sink_entries_sent
+            .get_or_create(&SinkLabel { sink: sink.into() })
+            .clone()
+    }
+
+    /// The gauge that is 1 while sink `sink` is failing.
+    pub fn sink_failing(&self, sink: &str) -> Gauge {
+        self.sink_failing
+            .get_or_create(&SinkLabel { sink: sink.into() })
             .clone()
     }
 

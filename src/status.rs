@@ -79,26 +79,41 @@ pub fn render(s: &Value, now: i64) -> String {
         }
     }
 
-    let sink = &s["sink"];
-    let last_ok = sink["last_success_unix"].as_i64().unwrap_or(0);
-    let since = if last_ok > 0 {
-        format!("{} ago", duration(now - last_ok))
-    } else {
-        "never".into()
+    // Every sink; a single one (`[sink]`, or an older ztail without `sinks`) without its name.
+    let several = s["sinks"].as_array().filter(|a| a.len() > 1);
+    let sinks: Vec<&Value> = match several {
+        Some(a) => a.iter().collect(),
+        None => vec![&s["sink"]],
     };
-    let state = if sink["failing"].as_bool() == Some(true) {
-        "FAILING"
-    } else {
-        "ok"
-    };
-    let _ = writeln!(
-        out,
-        "sink      {state}  last success {since}  requests ok {}  failures in a row {}",
-        sink["requests_ok"].as_u64().unwrap_or(0),
-        sink["consecutive_failures"].as_u64().unwrap_or(0)
-    );
-    if let Some(err) = sink["last_error"].as_str() {
-        let _ = writeln!(out, "          last error: {err}");
+    for sink in sinks {
+        let last_ok = sink["last_success_unix"].as_i64().unwrap_or(0);
+        let since = if last_ok > 0 {
+            format!("{} ago", duration(now - last_ok))
+        } else {
+            "never".into()
+        };
+        let state = if sink["failing"].as_bool() == Some(true) {
+            "FAILING"
+        } else {
+            "ok"
+        };
+        let name = match several {
+            Some(_) => format!(" {}", sink["name"].as_str().unwrap_or("?")),
+            None => String::new(),
+        };
+        let behind = match sink["lag_bytes"].as_u64() {
+            Some(b) if several.is_some() => format!("  behind {}", bytes(b)),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "sink{name}      {state}  last success {since}  requests ok {}  failures in a row {}{behind}",
+            sink["requests_ok"].as_u64().unwrap_or(0),
+            sink["consecutive_failures"].as_u64().unwrap_or(0)
+        );
+        if let Some(err) = sink["last_error"].as_str() {
+            let _ = writeln!(out, "          last error: {err}");
+        }
     }
     if let Some(r) = s["last_reload"].as_object() {
         let at = r.get("at_unix").and_then(Value::as_i64).unwrap_or(0);
@@ -253,6 +268,26 @@ mod tests {
             text.contains("active       2.0KiB     1.0KiB     1.0KiB  /var/log/a.log"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn renders_every_sink_by_name_when_there_are_several() {
+        let sink = |name: &str, failing: bool| {
+            serde_json::json!({"name": name, "failing": failing, "consecutive_failures": 0,
+                "last_error": null, "last_success_unix": 990, "requests_ok": 3, "lag_bytes": 2048})
+        };
+        let status = serde_json::json!({
+            "version": "0.1.0", "ready": false, "identity": null,
+            "sink": sink("ops", false), "sinks": [sink("ops", false), sink("team", true)],
+            "files": []
+        });
+        let text = render(&status, 1000);
+        assert!(
+            text.contains("sink ops      ok  last success 10s ago"),
+            "{text}"
+        );
+        assert!(text.contains("sink team      FAILING"), "{text}");
+        assert!(text.contains("behind 2.0KiB"), "{text}");
     }
 
     #[test]

@@ -67,7 +67,9 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub identity: IdentityConfig,
-    pub sink: SinkConfig,
+    /// At least one; the first holds the settings every connection shares (`allow_tls12`) and
+    /// the peer policy the identity is checked against.
+    pub sinks: Vec<SinkConfig>,
     pub sources: Vec<SourceConfig>,
     pub tail: TailConfig,
     pub probes: Vec<crate::probe::ProbeConfig>,
@@ -86,6 +88,12 @@ pub struct AdminConfig {
 }
 
 impl Config {
+    /// The first sink: its peer policy is the one the identity is checked against, and its
+    /// `allow_tls12` and `shutdown_timeout` apply to the whole process.
+    pub fn sink(&self) -> &SinkConfig {
+        &self.sinks[0]
+    }
+
     /// What is valid but unsafe about the files this config names: a config others can
     /// rewrite (they would choose what ztail trusts), a key others can read (they could
     /// impersonate ztail), a state directory others can write (they could rewind or forge
@@ -112,12 +120,15 @@ impl Config {
                 m & 0o777
             ));
         }
-        let policy = &self.sink.policy;
-        if policy.ids().is_empty() && policy.path_prefixes().is_empty() {
-            out.push(format!(
-                "sink.peer allows any workload of trust domain(s) {:?} to act as Loki and receive every log line: name Loki with allowed_ids or allowed_path_prefixes",
-                policy.trust_domains().collect::<Vec<_>>()
-            ));
+        for sink in &self.sinks {
+            let policy = &sink.policy;
+            if policy.ids().is_empty() && policy.path_prefixes().is_empty() {
+                out.push(format!(
+                    "sink {:?}: peer allows any workload of trust domain(s) {:?} to act as Loki and receive every log line: name Loki with allowed_ids or allowed_path_prefixes",
+                    sink.name,
+                    policy.trust_domains().collect::<Vec<_>>()
+                ));
+            }
         }
         if let IdentityConfig::Spiffe(w) = &self.identity
             && let Some(socket) = w.endpoint.strip_prefix("unix://")
@@ -195,7 +206,9 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     identity: RawIdentity,
-    sink: RawSink,
+    sink: Option<RawSink>,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
     #[serde(default)]
     tail: RawTail,
     #[serde(default = "default_true")]
@@ -331,6 +344,77 @@ pub(crate) mod humantime_serde {
 }
 
 impl Validator<'_> {
+    /// `[sink]` (one sink, named `default`) or `[[sinks]]`, each named.
+    fn sinks(
+        &self,
+        one: Option<RawSink>,
+        many: Vec<RawSink>,
+    ) -> Result<Vec<SinkConfig>, ConfigError> {
+        let named = match (one, many.is_empty()) {
+            (Some(_), false) => {
+                return Err(self.err(
+                    "sinks",
+                    "both [sink] and [[sinks]] are set: keep [sink] for one sink, or move it into [[sinks]] with name = \"default\" (that name keeps its positions)",
+                ));
+            }
+            (None, true) => {
+                return Err(self.err(
+                    "sink",
+                    "missing: add a [sink] table (or one [[sinks]] table per Loki)",
+                ));
+            }
+            (Some(mut raw), true) => {
+                let name = raw.name.take().unwrap_or_else(|| "default".to_owned());
+                vec![("sink".to_owned(), name, raw)]
+            }
+            (None, false) => {
+                let mut out = Vec::with_capacity(many.len());
+                for (i, mut raw) in many.into_iter().enumerate() {
+                    let key = format!("sinks[{i}]");
+                    let name = raw.name.take().ok_or_else(|| {
+                        self.err(
+                            format!("{key}.name"),
+                            "missing: each of several sinks needs a name (it names its positions in the state directory)",
+                        )
+                    })?;
+                    out.push((key, name, raw));
+                }
+                out
+            }
+        };
+        let mut sinks: Vec<SinkConfig> = Vec::with_capacity(named.len());
+        for (key, name, raw) in named {
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(self.err(
+                    format!("{key}.name"),
+                    format!("invalid sink name {name:?}: 1 to 64 letters, digits, '-' or '_'"),
+                ));
+            }
+            if sinks.iter().any(|s| s.name == name) {
+                return Err(self.err(
+                    format!("{key}.name"),
+                    format!("duplicate sink name {name:?}"),
+                ));
+            }
+            let sink = SinkConfig::validate(self, &key, name, raw)?;
+            if let Some(first) = sinks.first()
+                && sink.allow_tls12 != first.allow_tls12
+            {
+                return Err(self.err(
+                    format!("{key}.allow_tls12"),
+                    "applies to every connection ztail makes: set it the same on every sink",
+                ));
+            }
+            sinks.push(sink);
+        }
+        Ok(sinks)
+    }
+
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         if raw.state_dir.as_os_str().is_empty() {
             return Err(self.err("state_dir", "must name a directory"));
@@ -365,7 +449,7 @@ impl Validator<'_> {
             ));
         }
         let identity = IdentityConfig::validate(self, raw.identity)?;
-        let sink = SinkConfig::validate(self, raw.sink)?;
+        let sinks = self.sinks(raw.sink, raw.sinks)?;
         let tail = TailConfig::validate(self, raw.tail)?;
         let kubernetes = match raw.kubernetes {
             Some(k) => Some(crate::k8s::KubernetesConfig::validate(self, k, &|name| {
@@ -388,6 +472,15 @@ impl Validator<'_> {
                     format!("{key}.name"),
                     format!("duplicate source name {:?}", s.name),
                 ));
+            }
+            for (j, name) in s.sinks.iter().enumerate() {
+                if !sinks.iter().any(|k| &k.name == name) {
+                    let known: Vec<&str> = sinks.iter().map(|k| k.name.as_str()).collect();
+                    return Err(self.err(
+                        format!("{key}.sinks[{j}]"),
+                        format!("no sink is named {name:?} (the sinks are {known:?})"),
+                    ));
+                }
             }
             sources.push(SourceConfig::validate(
                 self,
@@ -422,7 +515,7 @@ impl Validator<'_> {
             },
             admin,
             identity,
-            sink,
+            sinks,
             sources,
             tail,
             kubernetes,
@@ -521,8 +614,8 @@ labels = { job = "app" }
             c.sources[0].include,
             vec!["/etc/ztail/logs/*.log".to_owned()]
         );
-        assert_eq!(c.sink.batch_bytes, 1 << 20);
-        assert_eq!(c.sink.batch_wait, Duration::from_secs(1));
+        assert_eq!(c.sink().batch_bytes, 1 << 20);
+        assert_eq!(c.sink().batch_wait, Duration::from_secs(1));
         assert_eq!(c.sources[0].framing.max_line, 256 << 10);
         assert_eq!(c.sources[0].start_at, StartAt::End);
     }
@@ -735,19 +828,77 @@ labels = { job = "app" }
     }
 
     #[test]
+    fn several_sinks_are_named_and_sources_choose_among_them() {
+        let many = GOOD
+            .replace("[sink]\n", "[[sinks]]\nname = \"ops\"\n")
+            .replace("[sink.peer]", "[sinks.peer]")
+            + "sinks = [\"team\"]\n[[sinks]]\nname = \"team\"\nurl = \"https://team:3100/loki/api/v1/push\"\ntenant = \"team\"\n[sinks.peer]\nallowed_ids = [\"spiffe://example.org/team-loki\"]\n";
+        let c = parse(&many).unwrap();
+        let names: Vec<&str> = c.sinks.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["ops", "team"]);
+        assert_eq!(c.sinks[1].tenant.as_deref(), Some("team"));
+        assert_eq!(c.sources[0].sinks, ["team"]);
+        // `[sink]` is the sink named `default`.
+        assert_eq!(parse(GOOD).unwrap().sink().name, "default");
+        for (text, key, why) in [
+            (
+                many.replace("sinks = [\"team\"]", "sinks = [\"tema\"]"),
+                "sources[0].sinks[0]",
+                "no sink is named \"tema\"",
+            ),
+            (
+                many.replace("name = \"team\"", "name = \"ops\""),
+                "sinks[1].name",
+                "duplicate sink name",
+            ),
+            (
+                many.replace("name = \"team\"", "name = \"a/b\""),
+                "sinks[1].name",
+                "invalid sink name",
+            ),
+            (
+                many.replace("[[sinks]]\nname = \"team\"\n", "[[sinks]]\n"),
+                "sinks[1].name",
+                "missing",
+            ),
+            (
+                many.replace("name = \"team\"\n", "name = \"team\"\nallow_tls12 = true\n"),
+                "sinks[1].allow_tls12",
+                "the same on every sink",
+            ),
+            (
+                many.replace("https://team:3100", "http://team:3100"),
+                "sinks[1].url",
+                "is not https",
+            ),
+            (
+                format!("{GOOD}[[sinks]]\nname = \"x\"\nurl = \"https://x/\"\n"),
+                "sinks",
+                "both [sink] and [[sinks]]",
+            ),
+        ] {
+            let msg = error_of(&text);
+            assert!(
+                msg.contains(&format!(": {key}: ")) && msg.contains(why),
+                "{key}: {msg}"
+            );
+        }
+    }
+
+    #[test]
     fn the_proxy_and_tls12_are_off_unless_configured() {
         let c = parse(GOOD).unwrap();
-        assert!(c.sink.proxy.is_none() && !c.sink.allow_tls12);
+        assert!(c.sink().proxy.is_none() && !c.sink().allow_tls12);
         let c = parse(&GOOD.replace(
             "[sink]\n",
             "[sink]\nproxy = \"http://proxy.internal:3128\"\nallow_tls12 = true\n",
         ))
         .unwrap();
         assert_eq!(
-            c.sink.proxy.unwrap().as_str(),
+            c.sink().proxy.as_ref().unwrap().as_str(),
             "http://proxy.internal:3128/"
         );
-        assert!(c.sink.allow_tls12);
+        assert!(c.sink().allow_tls12);
         let msg = error_of(&GOOD.replace("[sink]\n", "[sink]\nproxy = \"socks5://p:1\"\n"));
         assert!(msg.contains(": sink.proxy: "), "{msg}");
     }
@@ -756,11 +907,11 @@ labels = { job = "app" }
     fn compression_is_snappy_for_protobuf_unless_turned_off_and_never_for_json() {
         use crate::loki::config::Compression;
         let with = |sink: &str| GOOD.replace("[sink]\n", &format!("[sink]\n{sink}\n"));
-        assert_eq!(parse(GOOD).unwrap().sink.compression, Compression::Snappy);
+        assert_eq!(parse(GOOD).unwrap().sink().compression, Compression::Snappy);
         let c = parse(&with("compression = \"none\"")).unwrap();
-        assert_eq!(c.sink.compression, Compression::None);
+        assert_eq!(c.sink().compression, Compression::None);
         let c = parse(&with("body = \"json\"")).unwrap();
-        assert_eq!(c.sink.compression, Compression::None);
+        assert_eq!(c.sink().compression, Compression::None);
         let msg = error_of(&with("body = \"json\"\ncompression = \"snappy\""));
         assert!(
             msg.contains(": sink.compression: ") && msg.contains("protobuf"),

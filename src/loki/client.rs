@@ -34,6 +34,9 @@ const USER_AGENT: &str = concat!("ztail/", env!("CARGO_PKG_VERSION"));
 /// Settings the sink needs from [`SinkConfig`].
 #[derive(Debug, Clone)]
 pub struct SinkSettings {
+    pub name: String,
+    /// The peer policy, when it is not the one the identity's client config carries.
+    pub policy: Option<crate::identity::PeerPolicy>,
     pub url: reqwest::Url,
     pub tenant: Option<String>,
     pub body: BodyFormat,
@@ -48,6 +51,8 @@ pub struct SinkSettings {
 impl From<&SinkConfig> for SinkSettings {
     fn from(c: &SinkConfig) -> Self {
         SinkSettings {
+            name: c.name.clone(),
+            policy: None,
             url: c.url.clone(),
             tenant: c.tenant.clone(),
             body: c.body,
@@ -96,6 +101,9 @@ pub struct Sink {
     metrics: Arc<Metrics>,
     tracker: Arc<AckTracker>,
     pub state: SinkState,
+    /// `ztail_sink_entries_sent_total` and `ztail_sink_failing` of this sink.
+    sent: prometheus_client::metrics::counter::Counter,
+    failing: prometheus_client::metrics::gauge::Gauge,
     client: Mutex<Option<(Arc<Identity>, reqwest::Client)>>,
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -122,8 +130,12 @@ impl Sink {
         metrics: Arc<Metrics>,
         tracker: Arc<AckTracker>,
     ) -> Self {
+        let sent = metrics.sink_sent(&settings.name);
+        let failing = metrics.sink_failing(&settings.name);
         Sink {
             settings,
+            sent,
+            failing,
             identity,
             metrics,
             tracker,
@@ -149,6 +161,11 @@ impl Sink {
             }
             self.metrics.in_flight_requests.dec();
         });
+    }
+
+    /// The sink's name (`default` for the `[sink]` table).
+    pub fn name(&self) -> &str {
+        &self.settings.name
     }
 
     /// Waits for every delivery to finish.
@@ -210,6 +227,7 @@ impl Sink {
             match self.push(bytes::Bytes::from(body), tenant).await {
                 Outcome::Stored => {
                     self.metrics.entries_sent.inc_by(part.entries as u64);
+                    self.sent.inc_by(part.entries as u64);
                     self.metrics.bytes_sent.inc_by(body_len);
                 }
                 Outcome::Refused { reason, entries } => {
@@ -218,6 +236,7 @@ impl Sink {
                     self.metrics
                         .entries_sent
                         .inc_by(part.entries as u64 - refused);
+                    self.sent.inc_by(part.entries as u64 - refused);
                 }
                 Outcome::TooLarge => match part.split() {
                     Ok((first, second)) => {
@@ -296,6 +315,7 @@ impl Sink {
                             self.metrics.push_finished(status.as_str());
                             if status.is_success() {
                                 self.state.succeeded();
+                                self.failing.set(0);
                                 return Outcome::Stored;
                             }
                             retry_after = resp
@@ -313,6 +333,7 @@ impl Sink {
                             match status {
                                 StatusCode::BAD_REQUEST if is_validation_answer(&text) => {
                                     self.state.succeeded();
+                                    self.failing.set(0);
                                     let (reason, entries) = refusal_of(&text);
                                     tracing::warn!(
                                         reason,
@@ -361,6 +382,7 @@ impl Sink {
                 }
             }
             attempt = attempt.saturating_add(1);
+            self.failing.set(1);
             self.metrics.push_retries.inc();
             let mut delay = backoff(
                 self.settings.min_backoff,
@@ -379,15 +401,22 @@ impl Sink {
 
     /// The HTTP client for this identity, built once per identity so that pooled connections
     /// never outlive the material they were established with.
-    fn client_for(&self, id: &Arc<Identity>) -> Result<reqwest::Client, reqwest::Error> {
+    fn client_for(&self, id: &Arc<Identity>) -> anyhow::Result<reqwest::Client> {
         let mut slot = lock(&self.client);
         if let Some((cur, client)) = slot.as_ref()
             && Arc::ptr_eq(cur, id)
         {
             return Ok(client.clone());
         }
+        let tls = match &self.settings.policy {
+            None => (*id.client_config).clone(),
+            Some(policy) => match (id.tls_for)(policy) {
+                Ok(c) => c,
+                Err(e) => anyhow::bail!("the TLS config for this sink's peer policy: {e}"),
+            },
+        };
         let builder = reqwest::Client::builder()
-            .tls_backend_preconfigured((*id.client_config).clone())
+            .tls_backend_preconfigured(tls)
             .https_only(true)
             .redirect(reqwest::redirect::Policy::none())
             .timeout(self.settings.timeout)

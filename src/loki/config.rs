@@ -30,6 +30,8 @@ pub enum Compression {
 
 #[derive(Debug)]
 pub struct SinkConfig {
+    /// `default` for the `[sink]` table; names the sink's checkpoint file and metrics.
+    pub name: String,
     pub url: reqwest::Url,
     pub tenant: Option<String>,
     pub body: BodyFormat,
@@ -55,6 +57,7 @@ pub struct SinkConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSink {
+    pub(crate) name: Option<String>,
     url: String,
     tenant: Option<String>,
     #[serde(default = "default_body")]
@@ -119,16 +122,21 @@ fn default_shutdown_timeout() -> Duration {
 }
 
 impl SinkConfig {
-    pub(crate) fn validate(v: &Validator, raw: RawSink) -> Result<SinkConfig, ConfigError> {
+    pub(crate) fn validate(
+        v: &Validator,
+        key: &str,
+        name: String,
+        raw: RawSink,
+    ) -> Result<SinkConfig, ConfigError> {
         let url = reqwest::Url::parse(&raw.url).map_err(|e| {
             v.err(
-                "sink.url",
+                format!("{key}.url"),
                 format!("invalid URL {:?}: {e}", without_userinfo(&raw.url)),
             )
         })?;
         if !url.username().is_empty() || url.password().is_some() {
             return Err(v.err(
-                "sink.url",
+                format!("{key}.url"),
                 format!(
                     "{:?} carries a user name or password: ztail authenticates to Loki with its SPIFFE identity over mutual TLS, never with a password in a URL; remove it (and change the password, it was in a config file)",
                     without_userinfo(&raw.url)
@@ -140,13 +148,13 @@ impl SinkConfig {
             Some(p) => {
                 let proxy = reqwest::Url::parse(p).map_err(|e| {
                     v.err(
-                        "sink.proxy",
+                        format!("{key}.proxy"),
                         format!("invalid URL {:?}: {e}", without_userinfo(p)),
                     )
                 })?;
                 if !matches!(proxy.scheme(), "http" | "https") || proxy.host().is_none() {
                     return Err(v.err(
-                        "sink.proxy",
+                        format!("{key}.proxy"),
                         format!(
                             "{:?} is not an http:// or https:// proxy address",
                             without_userinfo(p)
@@ -155,7 +163,7 @@ impl SinkConfig {
                 }
                 if !proxy.username().is_empty() || proxy.password().is_some() {
                     return Err(v.err(
-                        "sink.proxy",
+                format!("{key}.proxy"),
                         "a user name or password in the proxy URL is not supported (it would be printed and kept in memory as text); use a proxy that admits ztail's host",
                     ));
                 }
@@ -164,7 +172,7 @@ impl SinkConfig {
         };
         if url.scheme() != "https" {
             return Err(v.err(
-                "sink.url",
+                format!("{key}.url"),
                 format!(
                     "{:?} is not https: ztail only ships over mutual TLS, use https://host:port/loki/api/v1/push",
                     raw.url
@@ -172,19 +180,19 @@ impl SinkConfig {
             ));
         }
         if url.host().is_none() {
-            return Err(v.err("sink.url", format!("{:?} has no host", raw.url)));
+            return Err(v.err(format!("{key}.url"), format!("{:?} has no host", raw.url)));
         }
         if let Some(t) = &raw.tenant
             && (t.is_empty() || t.len() > 150 || t.contains(['|', '\n', '\r']))
         {
             return Err(v.err(
-                "sink.tenant",
+                format!("{key}.tenant"),
                 format!("invalid tenant {t:?}: 1 to 150 characters, no '|' or line breaks"),
             ));
         }
         let peer = raw.peer.ok_or_else(|| {
             v.err(
-                "sink.peer",
+                format!("{key}.peer"),
                 "missing: set allowed_ids, allowed_trust_domains or allowed_path_prefixes \
                  (ztail never trusts a peer by address; the default is deny)",
             )
@@ -194,20 +202,20 @@ impl SinkConfig {
             peer.allowed_trust_domains,
             peer.allowed_path_prefixes,
         )
-        .map_err(|reason| v.err("sink.peer", reason))?;
+        .map_err(|reason| v.err(format!("{key}.peer"), reason))?;
         if raw.max_in_flight == 0 || raw.max_in_flight > 64 {
-            return Err(v.err("sink.max_in_flight", "must be between 1 and 64"));
+            return Err(v.err(format!("{key}.max_in_flight"), "must be between 1 and 64"));
         }
         if raw.min_backoff.is_zero() || raw.min_backoff > raw.max_backoff {
             return Err(v.err(
-                "sink.min_backoff",
-                "must be above zero and not above sink.max_backoff",
+                format!("{key}.min_backoff"),
+                format!("must be above zero and not above {key}.max_backoff"),
             ));
         }
         let compression = match (raw.body, raw.compression) {
             (BodyFormat::Json, Some(Compression::Snappy)) => {
                 return Err(v.err(
-                    "sink.compression",
+                    format!("{key}.compression"),
                     "snappy applies to protobuf bodies; JSON bodies are sent uncompressed \
                      (remove compression, or use body = \"protobuf\")",
                 ));
@@ -216,14 +224,20 @@ impl SinkConfig {
             (BodyFormat::Protobuf, c) => c.unwrap_or(Compression::Snappy),
         };
         Ok(SinkConfig {
+            name,
             url,
             tenant: raw.tenant,
             body: raw.body,
             compression,
-            batch_bytes: v.size_between("sink.batch_bytes", raw.batch_bytes, 1 << 10, 64 << 20)?,
-            batch_wait: v.positive("sink.batch_wait", raw.batch_wait)?,
+            batch_bytes: v.size_between(
+                &format!("{key}.batch_bytes"),
+                raw.batch_bytes,
+                1 << 10,
+                64 << 20,
+            )?,
+            batch_wait: v.positive(&format!("{key}.batch_wait"), raw.batch_wait)?,
             max_in_flight: raw.max_in_flight,
-            timeout: v.positive("sink.timeout", raw.timeout)?,
+            timeout: v.positive(&format!("{key}.timeout"), raw.timeout)?,
             min_backoff: raw.min_backoff,
             max_backoff: raw.max_backoff,
             shutdown_timeout: raw.shutdown_timeout,

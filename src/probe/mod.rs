@@ -403,6 +403,7 @@ impl ProbeConfig {
             kubernetes: false,
             formats: Vec::new(),
             journal: None,
+            sinks: Vec::new(),
         }
     }
 }

@@ -16,12 +16,12 @@
 //! and the temporary file are never opened through a symlink, and every field read back is
 //! bounded before it sizes a read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -73,8 +73,10 @@ impl JournalEntry {
 pub struct StateDir {
     dir: PathBuf,
     // Held for the lifetime of the process: the lock is released when the file is closed.
-    // Replaced when the directory had to be recreated.
-    lock: Mutex<File>,
+    // Replaced when the directory had to be recreated. Shared by every sink's view.
+    lock: Arc<Mutex<File>>,
+    /// The checkpoint file of the sink this view is for.
+    file: String,
 }
 
 /// What was found in the state directory at start.
@@ -93,9 +95,46 @@ impl StateDir {
         let lock = take(dir)?;
         let state = StateDir {
             dir: dir.to_owned(),
-            lock: Mutex::new(lock),
+            lock: Arc::new(Mutex::new(lock)),
+            file: FILE_NAME.to_owned(),
         };
         Ok(state)
+    }
+
+    /// The same directory, for the positions of the sink named `sink`: each sink has its own
+    /// checkpoint file, `checkpoints.jsonl` for the one named `default` (the `[sink]` table, so
+    /// a config moved to `[[sinks]]` keeps its positions under that name) and
+    /// `checkpoints.<sink>.jsonl` for the others.
+    pub fn for_sink(&self, sink: &str) -> StateDir {
+        StateDir {
+            dir: self.dir.clone(),
+            lock: self.lock.clone(),
+            file: file_of(sink),
+        }
+    }
+
+    /// Removes the checkpoint files of sinks not in `sinks`: a sink removed from the config
+    /// drops its positions, and if it is added again it starts as at a first start.
+    pub fn drop_other_sinks(&self, sinks: &[&str]) {
+        let keep: HashSet<String> = sinks.iter().map(|s| file_of(s)).collect();
+        let Ok(dir) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours =
+                name == FILE_NAME || (name.starts_with("checkpoints.") && name.ends_with(".jsonl"));
+            if ours && !keep.contains(&name) {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %e.path().display(), "removed the positions of a sink no longer configured")
+                    }
+                    Err(err) => {
+                        tracing::warn!(file = %e.path().display(), error = %err, "cannot remove the positions of a sink no longer configured")
+                    }
+                }
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -106,7 +145,7 @@ impl StateDir {
     /// first start (no checkpoint file), writes an empty one at once: from now on a missing
     /// file means it was lost, and the files found are read from their beginning.
     pub fn load(&self) -> Loaded {
-        let path = self.dir.join(FILE_NAME);
+        let path = self.dir.join(&self.file);
         let text = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -171,7 +210,7 @@ impl StateDir {
     /// Whether the checkpoint file was written by `ztail convert` and no ztail has started
     /// on it since.
     pub fn is_imported(&self) -> bool {
-        let Ok(f) = File::open(self.dir.join(FILE_NAME)) else {
+        let Ok(f) = File::open(self.dir.join(&self.file)) else {
             return false;
         };
         let mut first = String::new();
@@ -189,7 +228,7 @@ impl StateDir {
     /// Whether the checkpoint file is where it should be (a cleanup job may have removed it,
     /// or the whole directory). Unlike [`load`](Self::load), never writes one.
     pub fn is_intact(&self) -> bool {
-        self.dir.join(FILE_NAME).exists()
+        self.dir.join(&self.file).exists()
     }
 
     /// Replaces the checkpoint file atomically. If the directory is gone, it is recreated and
@@ -213,7 +252,7 @@ impl StateDir {
     }
 
     fn write(&self, text: &str) -> io::Result<()> {
-        let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
+        let tmp = self.dir.join(format!("{}.tmp", self.file));
         // Whatever is at the temporary name (a symlink planted to make ztail truncate another
         // file) is removed, not followed; `create_new` refuses anything that appears meanwhile.
         match fs::remove_file(&tmp) {
@@ -229,8 +268,16 @@ impl StateDir {
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         drop(f);
-        fs::rename(&tmp, self.dir.join(FILE_NAME))?;
+        fs::rename(&tmp, self.dir.join(&self.file))?;
         File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// The checkpoint file of the sink named `sink`.
+fn file_of(sink: &str) -> String {
+    match sink {
+        "default" => FILE_NAME.to_owned(),
+        s => format!("checkpoints.{s}.jsonl"),
     }
 }
 

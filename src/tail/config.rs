@@ -56,6 +56,8 @@ pub struct SourceConfig {
     pub formats: Vec<NamedFormat>,
     /// A journal source reads the systemd journal instead of files (`include` is empty).
     pub journal: Option<Arc<crate::journal::config::JournalConfig>>,
+    /// The sinks that get this source's entries, by name; empty: every sink.
+    pub sinks: Vec<String>,
 }
 
 /// A format of a source that a pod's `format` annotation may choose.
@@ -135,6 +137,8 @@ pub(crate) struct RawSource {
     #[serde(default)]
     formats: BTreeMap<String, RawFormat>,
     journal: Option<crate::journal::config::RawJournal>,
+    #[serde(default)]
+    pub(crate) sinks: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -576,6 +580,7 @@ impl SourceConfig {
             kubernetes: k8s.is_some(),
             formats,
             journal,
+            sinks: s.sinks,
         })
     }
 }

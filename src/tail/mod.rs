@@ -163,8 +163,29 @@ struct Registry {
     by_path: HashMap<PathBuf, Arc<TrackedFile>>,
 }
 
+/// Which sink a tailer reads for. Each sink has a tailer of its own, with its own positions
+/// (see `lib.rs`), so a sink that is down holds back only its own reading.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    /// The sink's name, for its metrics.
+    pub sink: String,
+    /// Whether this tailer reports the per-file gauges (`ztail_checkpoint_lag_bytes{path}`,
+    /// `ztail_files_open`): the first sink's does, so that they have one writer.
+    pub file_gauges: bool,
+}
+
+impl Default for Lane {
+    fn default() -> Self {
+        Lane {
+            sink: "default".into(),
+            file_gauges: true,
+        }
+    }
+}
+
 /// All file sources.
 pub struct Tailer {
+    lane: Lane,
     sources: Vec<SourceConfig>,
     cfg: TailConfig,
     pub(crate) metrics: Arc<Metrics>,
@@ -202,9 +223,11 @@ impl Tailer {
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
         kube: Option<Arc<crate::k8s::Metadata>>,
+        lane: Lane,
     ) -> Arc<Self> {
         let loaded = state_dir.load();
         Arc::new(Tailer {
+            lane,
             sources,
             cfg,
             metrics,
@@ -353,7 +376,8 @@ impl Tailer {
 
     fn checkpoint(&self, last: &mut (Vec<Entry>, Vec<JournalEntry>)) {
         let mut entries = Vec::new();
-        let (mut open, mut deleted) = (0, 0);
+        let (mut open, mut deleted, mut lag) = (0, 0, 0);
+        let gauges = self.lane.file_gauges;
         {
             let mut reg = lock(&self.files);
             let mut retired = Vec::new();
@@ -367,24 +391,32 @@ impl Tailer {
                     open += 1;
                     deleted += f.deleted.load(Ordering::Relaxed) as i64;
                 }
-                self.metrics
-                    .checkpoint_lag_bytes
-                    .get_or_create(&PathLabel {
-                        path: f.path().display().to_string().into(),
-                    })
-                    .set(f.lag() as i64);
+                lag += f.lag() as i64;
+                if gauges {
+                    self.metrics
+                        .checkpoint_lag_bytes
+                        .get_or_create(&PathLabel {
+                            path: f.path().display().to_string().into(),
+                        })
+                        .set(f.lag() as i64);
+                }
                 entries.push(f.entry());
             }
             for key in retired {
-                if let Some(f) = reg.by_inode.remove(&key) {
+                if let Some(f) = reg.by_inode.remove(&key)
+                    && gauges
+                {
                     self.metrics.checkpoint_lag_bytes.remove(&PathLabel {
                         path: f.path().display().to_string().into(),
                     });
                 }
             }
         }
-        self.metrics.files_open.set(open);
-        self.metrics.deleted_files_open.set(deleted);
+        if gauges {
+            self.metrics.files_open.set(open);
+            self.metrics.deleted_files_open.set(deleted);
+        }
+        self.metrics.sink_lag(&self.lane.sink).set(lag);
         // A checkpoint is in `resume` until its file is in the registry; while both hold it
         // (see `track`), the registry's is the newer.
         let tracked: HashSet<(u64, u64)> = entries.iter().map(|e| (e.dev, e.ino)).collect();
@@ -1000,6 +1032,7 @@ mod rotation_tests {
             Arc::new(Metrics::new()),
             CancellationToken::new(),
             None,
+            Lane::default(),
         )
     }
 

@@ -134,6 +134,7 @@ pub(super) fn source(dir: &Path) -> SourceConfig {
         kubernetes: false,
         formats: Vec::new(),
         journal: None,
+        sinks: Vec::new(),
     }
 }
 
@@ -169,6 +170,7 @@ fn start(dir: &Path, state: &Path, received: &Received, seed: u64) -> Instance {
         Arc::new(Metrics::new()),
         cancel.clone(),
         None,
+        super::Lane::default(),
     );
     let (tx, mut rx) = mpsc::channel::<Chunk>(8);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();

@@ -265,3 +265,35 @@ fn check_refuses_remote_workload_apis_and_passwords_and_warns_about_weak_trust()
     let (_, out) = check(&env, &good);
     assert!(!out.contains("allows any workload"), "{out}");
 }
+
+#[test]
+fn several_sinks_show_which_sources_each_gets() {
+    let env = Env::new();
+    let config = env
+        .config("https://127.0.0.1:3100", "", "")
+        .replace("[sink]\n", "[[sinks]]\nname = \"ops\"\n")
+        .replace("[sink.peer]", "[sinks.peer]")
+        + r#"
+[[sources]]
+name = "audit"
+include = ["audit/*.log"]
+labels = { job = "audit" }
+sinks = ["security"]
+
+[[sinks]]
+name = "security"
+url = "https://10.0.0.9:3100/loki/api/v1/push"
+[sinks.peer]
+allowed_ids = ["spiffe://example.org/loki-security"]
+"#;
+    let (code, out) = check(&env, &config);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("sink ops (https://127.0.0.1:3100/loki/api/v1/push): app\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("sink security (https://10.0.0.9:3100/loki/api/v1/push): app, audit\n"),
+        "{out}"
+    );
+}

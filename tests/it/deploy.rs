@@ -95,9 +95,9 @@ fn the_compose_file_matches_its_config_and_the_tested_spire_configs() {
     assert!(compose.contains(&format!("ztail-state:{}", c.state_dir.display())));
     assert!(compose.contains("./deploy/compose/ztail.toml:/etc/ztail/ztail.toml:ro"));
     assert!(compose.contains("logs:/logs:ro") && c.sources[0].include == ["/logs/*.log"]);
-    assert_eq!(c.sink.url.host_str(), Some("terminator"));
+    assert_eq!(c.sink().url.host_str(), Some("terminator"));
     assert!(
-        compose.contains(&format!("\"0.0.0.0:{}\"", c.sink.url.port().unwrap())),
+        compose.contains(&format!("\"0.0.0.0:{}\"", c.sink().url.port().unwrap())),
         "terminator port"
     );
     // The SPIRE containers run the very configs the tests run, and the entries of spire/register.
@@ -112,7 +112,7 @@ fn the_compose_file_matches_its_config_and_the_tested_spire_configs() {
         w.hint.as_deref().unwrap()
     )));
     assert!(
-        c.sink
+        c.sink()
             .policy
             .ids()
             .iter()
@@ -125,7 +125,7 @@ fn the_demo_config_matches_the_demo_script() {
     let c = load("config.toml");
     let demo = read("scripts/demo");
     assert!(socket_dir(&c).ends_with(".demo/spire/agent/public"));
-    assert!(demo.contains("term_port=3100") && c.sink.url.port() == Some(3100));
+    assert!(demo.contains("term_port=3100") && c.sink().url.port() == Some(3100));
     assert!(
         demo.contains("job:=demo")
             && c.sources[0]

@@ -23,6 +23,7 @@ mod receiver_selftest;
 mod reload;
 mod security;
 mod sink;
+mod sinks;
 mod spire;
 mod stages;
 mod workload_faults;

@@ -19,7 +19,7 @@ labels = { job = "other" }
 "#;
 
 /// Appends 20 lines `a <n>` to `path` every 5 ms until stopped; `written` counts them.
-fn writer(
+pub(crate) fn writer(
     path: std::path::PathBuf,
     stop: Arc<AtomicBool>,
     written: Arc<AtomicUsize>,

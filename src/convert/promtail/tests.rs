@@ -31,7 +31,10 @@ fn a_static_job_becomes_a_source_that_passes_check() {
         "{}",
         c.toml
     );
-    assert_eq!(cfg.sink.url.as_str(), "https://loki:3100/loki/api/v1/push");
+    assert_eq!(
+        cfg.sink().url.as_str(),
+        "https://loki:3100/loki/api/v1/push"
+    );
     assert!(
         c.report
             .not_converted

@@ -1,0 +1,179 @@
+//! Several sinks: each reads for itself with positions of its own, so a sink that is down holds
+//! back only its own lines; sources choose their sinks; a reload adds and removes sinks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::reload::writer;
+use crate::support::ztail::{Env, LOKI_ID, Ztail, append_lines};
+use crate::{WAIT, assert_every_line, assert_once, expected};
+
+const TEAM_ID: &str = "spiffe://example.org/loki-team";
+
+/// The test config with `[[sinks]]` "ops" (at `ops`, the usual Loki ID) and "team" (at `team`,
+/// its own ID), and a source "other" that only "team" gets.
+fn two_sinks(env: &Env, ops: &str, team: &str) -> String {
+    let base = env
+        .config(ops, "", "")
+        .replace("[sink]\n", "[[sinks]]\nname = \"ops\"\n")
+        .replace("[sink.peer]", "[sinks.peer]");
+    format!(
+        r#"{base}
+[[sources]]
+name = "other"
+include = ["other/*.log"]
+start_at = "beginning"
+labels = {{ job = "other" }}
+sinks = ["team"]
+
+[[sinks]]
+name = "team"
+url = "{team}/loki/api/v1/push"
+batch_wait = "100ms"
+min_backoff = "50ms"
+max_backoff = "500ms"
+shutdown_timeout = "5s"
+[sinks.peer]
+allowed_ids = ["{TEAM_ID}"]
+"#
+    )
+}
+
+fn lines(rx: &crate::Receiver, prefix: &str) -> Vec<String> {
+    rx.entries()
+        .into_iter()
+        .map(|e| e.line)
+        .filter(|l| l.starts_with(prefix))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_sink_holds_back_only_itself_and_catches_up_exactly_once() {
+    let env = Env::new();
+    let ops = env.receiver(LOKI_ID).await;
+    let team = env.receiver(TEAM_ID).await;
+    let config = two_sinks(&env, &ops.url(), &team.url());
+    let mut zt = Ztail::start(&env, &config);
+    zt.wait_up().await;
+    std::fs::create_dir_all(env.path("other")).unwrap();
+    append_lines(&env.path("other/b.log"), "b", 0..300);
+    let a = env.path("logs/a.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = writer(a.clone(), stop.clone(), written.clone());
+    assert!(ops.wait_for(|e| e.len() >= 200, WAIT).await);
+    assert!(team.wait_for(|e| e.len() >= 500, WAIT).await);
+
+    // "team" goes down for 6 s: "ops" keeps receiving what is written, at once.
+    team.stop().await;
+    let down = Instant::now();
+    let mut worst = Duration::ZERO;
+    while down.elapsed() < Duration::from_secs(6) {
+        let line = format!("a {:08}", written.load(Ordering::SeqCst) + 20);
+        let asked = Instant::now();
+        assert!(
+            ops.wait_for(|e| e.iter().any(|e| e.line == line), WAIT)
+                .await,
+            "ops stalled while team was down; log:\n{}",
+            zt.log()
+        );
+        worst = worst.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // batch_wait is 100 ms: a line waits for its batch, not for the other sink.
+    assert!(
+        worst < Duration::from_secs(2),
+        "ops took {worst:?} for a line"
+    );
+    assert_eq!(zt.metric("ztail_sink_failing{sink=\"team\"}").await, 1.0);
+    assert_eq!(zt.metric("ztail_sink_failing{sink=\"ops\"}").await, 0.0);
+    assert!(zt.metric("ztail_sink_lag_bytes{sink=\"team\"}").await > 0.0);
+    let (code, body) = zt.get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"team\""), "{body}");
+    let (_, status) = zt.get("/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["sinks"][1]["name"], "team", "{status}");
+    assert_eq!(status["sinks"][1]["failing"], true, "{status}");
+    assert_eq!(status["sinks"][0]["failing"], false, "{status}");
+
+    // Back: "team" catches up from its own positions.
+    team.restart().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let total = written.load(Ordering::SeqCst);
+    assert_once(&ops, total, || zt.log()).await;
+    assert_once(&team, total + 300, || zt.log()).await;
+    assert_every_line(&lines(&ops, "a "), &expected("a", 0..total));
+    assert_every_line(&lines(&team, "a "), &expected("a", 0..total));
+    assert_every_line(&lines(&team, "b "), &expected("b", 0..300));
+    assert!(
+        lines(&ops, "b ").is_empty(),
+        "ops got a source it is not for"
+    );
+    assert!(env.path("state/checkpoints.ops.jsonl").exists());
+    assert!(env.path("state/checkpoints.team.jsonl").exists());
+
+    // SIGKILL while "team" is down again: each sink resumes from its own positions.
+    team.stop().await;
+    append_lines(&a, "a", total..total + 1000);
+    assert!(
+        ops.wait_for_distinct_lines(total + 1000, WAIT).await,
+        "log:\n{}",
+        zt.log()
+    );
+    zt.kill();
+    append_lines(&a, "a", total + 1000..total + 2000);
+    team.restart().await;
+    zt.restart();
+    assert!(
+        ops.wait_for_distinct_lines(total + 2000, WAIT).await,
+        "ops lost lines across a kill; log:\n{}",
+        zt.log()
+    );
+    assert!(
+        team.wait_for_distinct_lines(total + 2300, WAIT).await,
+        "team lost lines across a kill; log:\n{}",
+        zt.log()
+    );
+    assert_every_line(&lines(&ops, "a "), &expected("a", 0..total + 2000));
+    assert_every_line(&lines(&team, "a "), &expected("a", 0..total + 2000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_sinks_and_a_removed_sink_drops_its_positions() {
+    let env = Env::new();
+    let ops = env.receiver(LOKI_ID).await;
+    let team = env.receiver(TEAM_ID).await;
+    let one = env
+        .config(&ops.url(), "", "")
+        .replace("[sink]\n", "[[sinks]]\nname = \"ops\"\n")
+        .replace("[sink.peer]", "[sinks.peer]");
+    let both = two_sinks(&env, &ops.url(), &team.url());
+    let zt = Ztail::start(&env, &one);
+    zt.wait_up().await;
+    let a = env.path("logs/a.log");
+    append_lines(&a, "a", 0..1000);
+    assert_once(&ops, 1000, || zt.log()).await;
+
+    // Added: "team" starts as at a first start (start_at = "beginning": the whole file).
+    zt.write_config(&both);
+    let (code, body) = zt.post("/-/reload").await;
+    assert_eq!(code, 200, "{body}");
+    append_lines(&a, "a", 1000..2000);
+    assert_once(&ops, 2000, || zt.log()).await;
+    assert_once(&team, 2000, || zt.log()).await;
+    assert!(env.path("state/checkpoints.team.jsonl").exists());
+
+    // Removed: its positions go, and it gets nothing more.
+    zt.write_config(&one);
+    let (code, body) = zt.post("/-/reload").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(!env.path("state/checkpoints.team.jsonl").exists());
+    append_lines(&a, "a", 2000..3000);
+    assert_once(&ops, 3000, || zt.log()).await;
+    assert_eq!(team.entries().len(), 2000);
+    assert_every_line(&lines(&ops, "a "), &expected("a", 0..3000));
+}
