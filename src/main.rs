@@ -306,23 +306,30 @@ fn check(path: &std::path::Path) -> ExitCode {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if config.sinks.len() > 1 {
-        // Which sink gets which source: each reads it with positions of its own.
-        for sink in &config.sinks {
-            let sources: Vec<&str> = config
-                .sources
+    // Which sink gets which source, with which tenants: each sink reads with positions of
+    // its own, and a sink with tenants bound to peers was checked to get only those.
+    let routes = config.routes();
+    if config.sinks.len() > 1 || routes.iter().any(|(_, _, t)| t.iter().any(Option::is_some)) {
+        println!("routes (source -> sink -> tenants):");
+        for (source, sink, tenants) in routes {
+            let tenants: Vec<String> = tenants
                 .iter()
-                .filter(|s| s.sinks.is_empty() || s.sinks.contains(&sink.name))
-                .map(|s| s.name.as_str())
+                .map(|t| match (t, &sink.tenants) {
+                    (None, _) => "(no tenant)".to_owned(),
+                    (Some(t), None) => t.clone(),
+                    (Some(t), Some(bound)) => {
+                        let ids: Vec<String> =
+                            bound[t].ids().iter().map(|id| id.to_string()).collect();
+                        format!("{t} (only to {})", ids.join(" or "))
+                    }
+                })
                 .collect();
             println!(
-                "sink {} ({}): {}",
+                "  {} -> {} ({}) -> {}",
+                source.name,
                 sink.name,
                 sink.url,
-                match sources.is_empty() {
-                    true => "no sources".to_owned(),
-                    false => sources.join(", "),
-                }
+                tenants.join(", ")
             );
         }
     }

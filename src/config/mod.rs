@@ -94,6 +94,40 @@ impl Config {
         &self.sinks[0]
     }
 
+    /// Which tenants each source may send to each sink, for every sink the source goes to:
+    /// (source, sink, tenants). `None` stands for entries sent without a tenant header.
+    pub fn routes(&self) -> Vec<(&SourceConfig, &SinkConfig, Vec<Option<String>>)> {
+        let mut out = Vec::new();
+        for source in &self.sources {
+            let pipelines =
+                std::iter::once(&source.stages).chain(source.formats.iter().map(|f| &f.stages));
+            for sink in &self.sinks {
+                if !(source.sinks.is_empty() || source.sinks.contains(&sink.name)) {
+                    continue;
+                }
+                let mut tenants: Vec<Option<String>> = Vec::new();
+                for p in pipelines.clone() {
+                    match p.as_ref().map(|p| p.tenants()).unwrap_or_default() {
+                        // Without a tenant stage: the pod's choice, or the sink's tenant.
+                        [] => {
+                            if source.kubernetes
+                                && let Some(k) = &self.kubernetes
+                            {
+                                tenants.extend(k.tenants.iter().cloned().map(Some));
+                            }
+                            tenants.push(sink.tenant.clone());
+                        }
+                        staged => tenants.extend(staged.iter().map(|t| Some(t.to_string()))),
+                    }
+                }
+                tenants.sort();
+                tenants.dedup();
+                out.push((source, sink, tenants));
+            }
+        }
+        out
+    }
+
     /// What is valid but unsafe about the files this config names: a config others can
     /// rewrite (they would choose what ztail trusts), a key others can read (they could
     /// impersonate ztail), a state directory others can write (they could rewind or forge
@@ -505,7 +539,7 @@ impl Validator<'_> {
             sources.push(probe.spool_source(&state_dir, raw.host_label));
             probes.push(probe);
         }
-        Ok(Config {
+        let config = Config {
             file: self.file.to_owned(),
             state_dir,
             probes,
@@ -519,7 +553,37 @@ impl Validator<'_> {
             sources,
             tail,
             kubernetes,
-        })
+        };
+        // A sink with tenants bound to peers sends no other tenant: refuse a route to one.
+        for (source, sink, tenants) in config.routes() {
+            let Some(bound) = &sink.tenants else { continue };
+            let key = match config.sinks.len() {
+                1 => "sink.tenants".to_owned(),
+                _ => format!(
+                    "sinks[{}].tenants",
+                    config
+                        .sinks
+                        .iter()
+                        .position(|s| s.name == sink.name)
+                        .unwrap_or(0)
+                ),
+            };
+            for t in tenants {
+                let why = match &t {
+                    Some(t) if bound.contains_key(t) => continue,
+                    Some(t) => format!("tenant {t:?} is not bound to a peer"),
+                    None => "entries without a tenant (no tenant stage, no pod tenant, no sink tenant) cannot be bound to a peer; set the sink's tenant".to_owned(),
+                };
+                return Err(self.err(
+                    key,
+                    format!(
+                        "source {:?} may send sink {:?} entries it must not get: {why}. Bind the tenant, or route the source elsewhere with sources[].sinks",
+                        source.name, sink.name
+                    ),
+                ));
+            }
+        }
+        Ok(config)
     }
 }
 

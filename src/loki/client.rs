@@ -12,6 +12,7 @@
 //! The HTTP client is rebuilt whenever the identity changes, so no pooled connection outlives
 //! the SVID (or trust bundle) it was established with.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +47,8 @@ pub struct SinkSettings {
     pub max_backoff: Duration,
     pub provenance: bool,
     pub proxy: Option<reqwest::Url>,
+    /// Tenants bound to peers (see [`SinkConfig::tenants`]).
+    pub tenants: Option<std::collections::BTreeMap<String, crate::identity::PeerPolicy>>,
 }
 
 impl From<&SinkConfig> for SinkSettings {
@@ -62,6 +65,7 @@ impl From<&SinkConfig> for SinkSettings {
             max_backoff: c.max_backoff,
             provenance: c.provenance,
             proxy: c.proxy.clone(),
+            tenants: c.tenants.clone(),
         }
     }
 }
@@ -94,6 +98,9 @@ impl SinkState {
     }
 }
 
+/// HTTP clients by bound tenant (`None`: the sink's own peer policy).
+type Clients = HashMap<Option<String>, reqwest::Client>;
+
 /// The Loki push client.
 pub struct Sink {
     settings: SinkSettings,
@@ -104,7 +111,8 @@ pub struct Sink {
     /// `ztail_sink_entries_sent_total` and `ztail_sink_failing` of this sink.
     sent: prometheus_client::metrics::counter::Counter,
     failing: prometheus_client::metrics::gauge::Gauge,
-    client: Mutex<Option<(Arc<Identity>, reqwest::Client)>>,
+    /// The HTTP clients of the current identity, one per bound tenant (one, `None`, without).
+    client: Mutex<Option<(Arc<Identity>, Clients)>>,
     tasks: TaskTracker,
     stop: CancellationToken,
     /// One request is encoded per core at a time: more would not be faster, and would only
@@ -278,6 +286,25 @@ impl Sink {
 
     /// Sends one body until Loki gives a final answer or the sink is stopped.
     async fn push(&self, body: bytes::Bytes, tenant: Option<&str>) -> Outcome {
+        // With tenants bound to peers, a tenant bound to none is never sent (the config check
+        // refuses a route that could make one; this is the last line).
+        let bound = match &self.settings.tenants {
+            None => None,
+            Some(map) => match tenant.and_then(|t| map.get_key_value(t)) {
+                Some((t, policy)) => Some((t.as_str(), policy)),
+                None => {
+                    tracing::error!(
+                        sink = %self.settings.name,
+                        tenant = tenant.unwrap_or("(none)"),
+                        "a batch's tenant is not bound to a peer of this sink: not sent, dropped"
+                    );
+                    return Outcome::Refused {
+                        reason: "tenant_not_bound",
+                        entries: u64::MAX,
+                    };
+                }
+            },
+        };
         let mut identity = self.identity.clone();
         let mut attempt: u32 = 0;
         loop {
@@ -285,7 +312,7 @@ impl Sink {
                 return Outcome::Stopped;
             };
             let mut retry_after = None;
-            match self.client_for(&id) {
+            match self.client_for(&id, bound) {
                 Err(e) => {
                     self.state
                         .failed(format!("cannot build the HTTP client: {e:#}"));
@@ -401,14 +428,26 @@ impl Sink {
 
     /// The HTTP client for this identity, built once per identity so that pooled connections
     /// never outlive the material they were established with.
-    fn client_for(&self, id: &Arc<Identity>) -> anyhow::Result<reqwest::Client> {
+    fn client_for(
+        &self,
+        id: &Arc<Identity>,
+        bound: Option<(&str, &crate::identity::PeerPolicy)>,
+    ) -> anyhow::Result<reqwest::Client> {
         let mut slot = lock(&self.client);
-        if let Some((cur, client)) = slot.as_ref()
-            && Arc::ptr_eq(cur, id)
-        {
+        if !slot.as_ref().is_some_and(|(cur, _)| Arc::ptr_eq(cur, id)) {
+            *slot = Some((id.clone(), HashMap::new()));
+        }
+        let Some((_, clients)) = slot.as_mut() else {
+            unreachable!("set just above")
+        };
+        let (key, policy) = match bound {
+            Some((tenant, policy)) => (Some(tenant.to_owned()), Some(policy)),
+            None => (None, self.settings.policy.as_ref()),
+        };
+        if let Some(client) = clients.get(&key) {
             return Ok(client.clone());
         }
-        let tls = match &self.settings.policy {
+        let tls = match policy {
             None => (*id.client_config).clone(),
             Some(policy) => match (id.tls_for)(policy) {
                 Ok(c) => c,
@@ -427,7 +466,7 @@ impl Sink {
             None => builder.no_proxy(),
         };
         let client = builder.build()?;
-        *slot = Some((id.clone(), client.clone()));
+        clients.insert(key, client.clone());
         Ok(client)
     }
 }

@@ -49,6 +49,9 @@ pub struct SinkConfig {
     pub policy: PeerPolicy,
     /// An HTTP(S) proxy for pushes (CONNECT; TLS stays end to end). Never from the environment.
     pub proxy: Option<reqwest::Url>,
+    /// Tenants bound to peers: when set, this sink sends only these tenants, each only to a
+    /// peer whose SPIFFE ID is listed for it (checked in the handshake).
+    pub tenants: Option<std::collections::BTreeMap<String, PeerPolicy>>,
     /// Accept TLS 1.2 as well as 1.3 (off by default: TLS 1.2 sends ztail's certificate, with
     /// its SPIFFE ID, in the clear). Applies to every connection ztail makes.
     pub allow_tls12: bool,
@@ -83,6 +86,8 @@ pub(crate) struct RawSink {
     proxy: Option<String>,
     #[serde(default)]
     allow_tls12: bool,
+    #[serde(default)]
+    tenants: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -223,7 +228,32 @@ impl SinkConfig {
             (BodyFormat::Json, _) => Compression::None,
             (BodyFormat::Protobuf, c) => c.unwrap_or(Compression::Snappy),
         };
+        let mut tenants = std::collections::BTreeMap::new();
+        for (tenant, ids) in raw.tenants {
+            let k = format!("{key}.tenants.{tenant}");
+            crate::stage::config::validate_tenant(&tenant).map_err(|r| v.err(&k, r))?;
+            if ids.is_empty() {
+                return Err(v.err(
+                    &k,
+                    "lists no SPIFFE ID: name the Loki (or gateway) that may receive this tenant",
+                ));
+            }
+            let bound = PeerPolicy::new(ids, vec![], vec![]).map_err(|r| v.err(&k, r))?;
+            for id in bound.ids() {
+                if let Err(refusal) = policy.check(id) {
+                    return Err(v.err(
+                        &k,
+                        format!(
+                            "{id} is not allowed by {key}.peer ({}): a tenant can only be bound to a peer the sink accepts",
+                            refusal.reason()
+                        ),
+                    ));
+                }
+            }
+            tenants.insert(tenant, bound);
+        }
         Ok(SinkConfig {
+            tenants: (!tenants.is_empty()).then_some(tenants),
             name,
             url,
             tenant: raw.tenant,

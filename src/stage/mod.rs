@@ -261,6 +261,11 @@ impl Pipeline {
     }
 
     /// Metadata names the stages set, appended to the framing's.
+    /// The tenants its tenant stage may give an entry (none without one).
+    pub fn tenants(&self) -> &[Arc<str>] {
+        self.tenant.as_ref().map_or(&[], |t| &t.tenants)
+    }
+
     pub fn meta_names(&self) -> &[String] {
         &self.meta_names
     }

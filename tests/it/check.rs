@@ -288,12 +288,62 @@ allowed_ids = ["spiffe://example.org/loki-security"]
 "#;
     let (code, out) = check(&env, &config);
     assert_eq!(code, 0, "{out}");
+    let ops = "(https://127.0.0.1:3100/loki/api/v1/push)";
+    let sec = "(https://10.0.0.9:3100/loki/api/v1/push)";
     assert!(
-        out.contains("sink ops (https://127.0.0.1:3100/loki/api/v1/push): app\n"),
+        out.contains(&format!("  app -> ops {ops} -> (no tenant)\n")),
         "{out}"
     );
     assert!(
-        out.contains("sink security (https://10.0.0.9:3100/loki/api/v1/push): app, audit\n"),
+        out.contains(&format!("  app -> security {sec} -> (no tenant)\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("  audit -> security {sec} -> (no tenant)\n")),
+        "{out}"
+    );
+    assert!(!out.contains("audit -> ops"), "{out}");
+
+    // Tenants bound to peers: the matrix names them, and a route that could send the
+    // security sink an unbound tenant (or none) is refused.
+    let bound = config.replace(
+        "name = \"security\"\n",
+        "name = \"security\"\ntenant = \"sec\"\ntenants = { sec = [\"spiffe://example.org/loki-security\"] }\n",
+    ) + "[[sources.stages]]\ntype = \"json\"\nfields = [\"team\"]\n[[sources.stages]]\ntype = \"tenant\"\nfield = \"team\"\nmap = { a = \"sec\", b = \"team-b\" }\ndefault = \"sec\"\n";
+    let (code, out) = check(&env, &bound.replace(", b = \"team-b\"", ""));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "  audit -> security {sec} -> sec (only to spiffe://example.org/loki-security)\n"
+        )),
+        "{out}"
+    );
+    let (code, out) = check(&env, &bound);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("sinks[1].tenants: source \"audit\" may send sink \"security\"")
+            && out.contains("tenant \"team-b\" is not bound to a peer"),
+        "{out}"
+    );
+    let (code, out) = check(&env, &bound.replace("tenant = \"sec\"\n", ""));
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("source \"app\" may send sink \"security\""),
+        "{out}"
+    );
+    assert!(out.contains("entries without a tenant"), "{out}");
+    let (code, out) = check(
+        &env,
+        &bound.replace(
+            "sec = [\"spiffe://example.org/loki-security\"]",
+            "sec = [\"spiffe://example.org/elsewhere\"]",
+        ),
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(
+            "sinks[1].tenants.sec: spiffe://example.org/elsewhere is not allowed by sinks[1].peer"
+        ),
         "{out}"
     );
 }

@@ -177,3 +177,47 @@ async fn a_reload_adds_and_removes_sinks_and_a_removed_sink_drops_its_positions(
     assert_eq!(team.entries().len(), 2000);
     assert_every_line(&lines(&ops, "a "), &expected("a", 0..3000));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_bound_to_a_peer_is_sent_only_to_that_peer() {
+    let env = Env::new();
+    let rx = env.receiver(LOKI_ID).await;
+    // The sink accepts both IDs, but tenant t1 is bound to the other one: the receiver (LOKI_ID)
+    // is refused in the handshake, before any byte of t1's lines.
+    let bound_to = |id: &str| {
+        env.config(
+            &rx.url(),
+            &format!("tenant = \"t1\"\ntenants = {{ t1 = [\"{id}\"] }}"),
+            "",
+        )
+        .replace(
+            &format!("allowed_ids = [\"{LOKI_ID}\"]"),
+            &format!("allowed_ids = [\"{LOKI_ID}\", \"{TEAM_ID}\"]"),
+        )
+    };
+    let zt = Ztail::start(&env, &bound_to(TEAM_ID));
+    zt.wait_up().await;
+    append_lines(&env.path("logs/a.log"), "a", 0..500);
+    zt.wait_metric(
+        "ztail_peer_refusals_total{reason=\"id_not_allowed\"}",
+        |v| v >= 1.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rx.request_count(),
+        0,
+        "t1 was sent to a peer it is not bound to"
+    );
+
+    // Bound to the receiver's ID: every line arrives once, as tenant t1.
+    zt.write_config(&bound_to(LOKI_ID));
+    let (code, body) = zt.post("/-/reload").await;
+    assert_eq!(code, 200, "{body}");
+    assert_once(&rx, 500, || zt.log()).await;
+    assert!(
+        rx.requests()
+            .iter()
+            .all(|r| r.tenant.as_deref() == Some("t1"))
+    );
+}
