@@ -133,6 +133,7 @@ pub struct Metrics {
     pub sink_entries_sent: Family<SinkLabel, Counter>,
     pub sink_lag_bytes: Family<SinkLabel, Gauge>,
     pub sink_failing: Family<SinkLabel, Gauge>,
+    pub sink_lost_bytes: Family<SinkLabel, Counter>,
     pub push_requests: Family<StatusLabel, Counter>,
     pub push_retries: Counter,
     pub dropped_entries: Family<ReasonLabel, Counter>,
@@ -181,6 +182,7 @@ impl Metrics {
             sink_entries_sent: Family::default(),
             sink_lag_bytes: Family::default(),
             sink_failing: Family::default(),
+            sink_lost_bytes: Family::default(),
             push_requests: Family::default(),
             push_retries: Counter::default(),
             dropped_entries: Family::default(),
@@ -310,6 +312,11 @@ impl Metrics {
             "sink_failing",
             "1 while a sink's last push attempt failed",
             m.sink_failing.clone(),
+        );
+        registry.register(
+            "sink_lost_bytes",
+            "Bytes of rotated or deleted files a sink gave up after tail.max_rotated_hold",
+            m.sink_lost_bytes.clone(),
         );
         registry.register(
             "bytes_sent",
@@ -504,6 +511,13 @@ impl Metrics {
     pub fn forget_sink_gauges(&self) {
         self.sink_lag_bytes.clear();
         self.sink_failing.clear();
+    }
+
+    /// The counter of bytes sink `sink` gave up with rotated files.
+    pub fn sink_lost(&self, sink: &str) -> Counter {
+        self.sink_lost_bytes
+            .get_or_create(&SinkLabel { sink: sink.into() })
+            .clone()
     }
 
     /// The counter of entries sink `sink` delivered.

@@ -28,6 +28,9 @@ pub struct TailConfig {
     pub rescan_interval: Duration,
     pub checkpoint_interval: Duration,
     pub read_buffer: usize,
+    /// How long a file renamed or deleted away may stay open for a sink that has not read it
+    /// to its end (a sink that is down); `None`: until it has.
+    pub max_rotated_hold: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +91,8 @@ pub(crate) struct RawTail {
     checkpoint_interval: Duration,
     #[serde(default = "default_read_buffer")]
     read_buffer: ByteSize,
+    #[serde(default, with = "humantime_serde::option")]
+    max_rotated_hold: Option<Duration>,
 }
 
 impl Default for RawTail {
@@ -96,6 +101,7 @@ impl Default for RawTail {
             rescan_interval: default_rescan(),
             checkpoint_interval: default_checkpoint_interval(),
             read_buffer: default_read_buffer(),
+            max_rotated_hold: None,
         }
     }
 }
@@ -219,6 +225,10 @@ impl TailConfig {
             rescan_interval: v.positive("tail.rescan_interval", raw.rescan_interval)?,
             checkpoint_interval: v.positive("tail.checkpoint_interval", raw.checkpoint_interval)?,
             read_buffer: v.size_between("tail.read_buffer", raw.read_buffer, 4 << 10, 64 << 20)?,
+            max_rotated_hold: match raw.max_rotated_hold {
+                None => None,
+                Some(d) => Some(v.positive("tail.max_rotated_hold", d)?),
+            },
         })
     }
 }

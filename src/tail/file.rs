@@ -204,7 +204,8 @@ pub(super) async fn run(file: Arc<TrackedFile>, mut reader: FileReader, mut ctx:
     let mut reader = Some(reader);
     let mut partial_since: Option<Instant> = None;
     let mut rotated_since: Option<Instant> = None;
-    let cancel = ctx.tailer.cancel.clone();
+    // The file's own token: cancelled with the tailer's, or alone when the file is given up.
+    let cancel = file.stop.clone();
     let metrics = ctx.tailer.metrics.clone();
     'outer: loop {
         if cancel.is_cancelled() {
@@ -335,7 +336,7 @@ pub(super) async fn run(file: Arc<TrackedFile>, mut reader: FileReader, mut ctx:
             _ = cancel.cancelled() => break,
         }
     }
-    if cancel.is_cancelled() {
+    if ctx.tailer.cancel.is_cancelled() {
         // Shutting down: the file stays tracked so that the final checkpoint records it.
         return;
     }
@@ -441,7 +442,7 @@ async fn queue(
         // read again after the restart.
         let sent = tokio::select! {
             sent = ctx.tx.send(chunk) => sent.is_ok(),
-            _ = ctx.tailer.cancel.cancelled() => false,
+            _ = file.stop.cancelled() => false,
         };
         if !sent {
             return false;
@@ -453,7 +454,7 @@ async fn queue(
         ctx.tailer.metrics.stage_holds.inc();
         tokio::select! {
             _ = tokio::time::sleep(hold) => {}
-            _ = ctx.tailer.cancel.cancelled() => {}
+            _ = file.stop.cancelled() => {}
         }
     }
     true

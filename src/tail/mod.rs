@@ -70,6 +70,13 @@ pub struct TrackedFile {
     state: AtomicU8,
     deleted: AtomicBool,
     wake: Notify,
+    /// Stops this file's task: a child of the tailer's token, also cancelled alone when the
+    /// file is given up (`tail.max_rotated_hold`).
+    stop: CancellationToken,
+    /// When the checkpoint loop first saw the file away from its path (with a hold bound).
+    away_since: Mutex<Option<std::time::Instant>>,
+    /// Given up before it was read to its end.
+    abandoned: AtomicBool,
 }
 
 impl TrackedFile {
@@ -391,6 +398,11 @@ impl Tailer {
                     open += 1;
                     deleted += f.deleted.load(Ordering::Relaxed) as i64;
                 }
+                if state != FileState::Closed
+                    && let Some(max) = self.cfg.max_rotated_hold
+                {
+                    self.hold_bound(f, max);
+                }
                 lag += f.lag() as i64;
                 if gauges {
                     self.metrics
@@ -438,6 +450,31 @@ impl Tailer {
                 tracing::error!(dir = %self.state_dir.path().display(), error = %e, "cannot write checkpoints; positions are kept in memory and retried (a crash now re-sends more lines)");
             }
         }
+    }
+
+    /// Gives up a file renamed or deleted away that this tailer's sink has still not read to
+    /// its end after `max`: its descriptor is closed (a deleted file's disk space is freed)
+    /// and what the sink has not acknowledged of it is counted and logged as lost.
+    fn hold_bound(&self, f: &TrackedFile, max: std::time::Duration) {
+        if f.abandoned.load(Ordering::Relaxed) || !f.moved_away() {
+            return;
+        }
+        let since = *lock(&f.away_since).get_or_insert_with(std::time::Instant::now);
+        let size = f.size.load(Ordering::Relaxed);
+        if since.elapsed() < max || f.read_offset.load(Ordering::Relaxed) >= size {
+            return;
+        }
+        f.abandoned.store(true, Ordering::Relaxed);
+        let lost = f.lag();
+        self.metrics.sink_lost(&self.lane.sink).inc_by(lost);
+        tracing::error!(
+            path = %f.path().display(),
+            sink = %self.lane.sink,
+            lost_bytes = lost,
+            held = ?max,
+            "a rotated or deleted file was still unread by this sink after tail.max_rotated_hold; closed it, and its unacknowledged bytes are lost for this sink"
+        );
+        f.stop.cancel();
     }
 
     /// The journal cursors to save: each journal's, and those loaded at start whose journal
@@ -581,6 +618,9 @@ impl Tailer {
             state: AtomicU8::new(FileState::Active as u8),
             deleted: AtomicBool::new(false),
             wake: Notify::new(),
+            stop: self.cancel.child_token(),
+            away_since: Mutex::new(None),
+            abandoned: AtomicBool::new(false),
         });
         {
             let mut reg = lock(&self.files);
@@ -1027,6 +1067,7 @@ mod rotation_tests {
                 rescan_interval: Duration::from_secs(10),
                 checkpoint_interval: Duration::from_secs(1),
                 read_buffer: 4096,
+                max_rotated_hold: None,
             },
             Arc::new(StateDir::open(&dir.join("state")).unwrap()),
             Arc::new(Metrics::new()),

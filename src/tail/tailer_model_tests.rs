@@ -165,6 +165,7 @@ fn start(dir: &Path, state: &Path, received: &Received, seed: u64) -> Instance {
             rescan_interval: Duration::from_millis(100),
             checkpoint_interval: Duration::from_millis(30),
             read_buffer: 64 + (seed as usize % 512),
+            max_rotated_hold: None,
         },
         Arc::new(state_dir),
         Arc::new(Metrics::new()),

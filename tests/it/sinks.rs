@@ -14,10 +14,7 @@ const TEAM_ID: &str = "spiffe://example.org/loki-team";
 /// The test config with `[[sinks]]` "ops" (at `ops`, the usual Loki ID) and "team" (at `team`,
 /// its own ID), and a source "other" that only "team" gets.
 fn two_sinks(env: &Env, ops: &str, team: &str) -> String {
-    let base = env
-        .config(ops, "", "")
-        .replace("[sink]\n", "[[sinks]]\nname = \"ops\"\n")
-        .replace("[sink.peer]", "[sinks.peer]");
+    let base = only_ops(env, ops);
     format!(
         r#"{base}
 [[sources]]
@@ -40,6 +37,36 @@ allowed_ids = ["{TEAM_ID}"]
     )
 }
 
+/// The test config with one `[[sinks]]`, "ops".
+fn only_ops(env: &Env, ops: &str) -> String {
+    env.config(ops, "", "")
+        .replace("[sink]\n", "[[sinks]]\nname = \"ops\"\n")
+        .replace("[sink.peer]", "[sinks.peer]")
+}
+
+/// 300 lines `b <n>` in `other/b.log`, and a [`writer`] appending to `logs/a.log`.
+struct Load {
+    a: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicUsize>,
+    w: std::thread::JoinHandle<()>,
+}
+
+fn load(env: &Env) -> Load {
+    std::fs::create_dir_all(env.path("other")).unwrap();
+    append_lines(&env.path("other/b.log"), "b", 0..300);
+    let a = env.path("logs/a.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = writer(a.clone(), stop.clone(), written.clone());
+    Load {
+        a,
+        stop,
+        written,
+        w,
+    }
+}
+
 fn lines(rx: &crate::Receiver, prefix: &str) -> Vec<String> {
     rx.entries()
         .into_iter()
@@ -56,12 +83,12 @@ async fn a_down_sink_holds_back_only_itself_and_catches_up_exactly_once() {
     let config = two_sinks(&env, &ops.url(), &team.url());
     let mut zt = Ztail::start(&env, &config);
     zt.wait_up().await;
-    std::fs::create_dir_all(env.path("other")).unwrap();
-    append_lines(&env.path("other/b.log"), "b", 0..300);
-    let a = env.path("logs/a.log");
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicUsize::new(0));
-    let w = writer(a.clone(), stop.clone(), written.clone());
+    let Load {
+        a,
+        stop,
+        written,
+        w,
+    } = load(&env);
     assert!(ops.wait_for(|e| e.len() >= 200, WAIT).await);
     assert!(team.wait_for(|e| e.len() >= 500, WAIT).await);
 
@@ -147,10 +174,7 @@ async fn a_reload_adds_and_removes_sinks_and_a_removed_sink_drops_its_positions(
     let env = Env::new();
     let ops = env.receiver(LOKI_ID).await;
     let team = env.receiver(TEAM_ID).await;
-    let one = env
-        .config(&ops.url(), "", "")
-        .replace("[sink]\n", "[[sinks]]\nname = \"ops\"\n")
-        .replace("[sink.peer]", "[sinks.peer]");
+    let one = only_ops(&env, &ops.url());
     let both = two_sinks(&env, &ops.url(), &team.url());
     let zt = Ztail::start(&env, &one);
     zt.wait_up().await;
@@ -220,4 +244,173 @@ async fn a_tenant_bound_to_a_peer_is_sent_only_to_that_peer() {
             .iter()
             .all(|r| r.tenant.as_deref() == Some("t1"))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_file_a_down_sink_never_read_is_given_up_after_the_hold_bound() {
+    let env = Env::new();
+    let ops = env.receiver(LOKI_ID).await;
+    let team = env.receiver(TEAM_ID).await;
+    team.stop().await;
+    // Small reads and batches, so that "team" holds little of the file in memory.
+    let config = two_sinks(&env, &ops.url(), &team.url())
+        .replace(
+            "[tail]\n",
+            "[tail]\nmax_rotated_hold = \"2s\"\nread_buffer = \"16KiB\"\n",
+        )
+        .replace(
+            "name = \"team\"\n",
+            "name = \"team\"\nmax_in_flight = 1\nbatch_bytes = \"64KiB\"\n",
+        );
+    let zt = Ztail::start(&env, &config);
+    zt.wait_up().await;
+    // More than "team" can hold in memory while it is down (its batches, its queue), then deleted.
+    let a = env.path("logs/a.log");
+    append_lines(&a, "a", 0..400_000);
+    assert_once(&ops, 400_000, || zt.log()).await;
+    std::fs::remove_file(&a).unwrap();
+    zt.wait_metric("ztail_sink_lost_bytes_total{sink=\"team\"}", |v| v > 0.0)
+        .await;
+    assert!(
+        zt.log()
+            .contains("still unread by this sink after tail.max_rotated_hold"),
+        "{}",
+        zt.log()
+    );
+    assert_eq!(
+        zt.metric("ztail_sink_lost_bytes_total{sink=\"ops\"}").await,
+        0.0,
+        "ops had read it all"
+    );
+    // "team" is back: what it had queued may arrive, the rest is gone; new lines flow again.
+    team.restart().await;
+    append_lines(&env.path("logs/b.log"), "b", 0..100);
+    assert!(
+        team.wait_for(
+            |e| e.iter().filter(|e| e.line.starts_with("b ")).count() >= 100,
+            WAIT
+        )
+        .await,
+        "log:\n{}",
+        zt.log()
+    );
+    assert!(lines(&team, "a ").len() < 100_000, "nothing was given up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_change_sinks_and_routes_under_load_and_a_kill_after_one_loses_nothing() {
+    let env = Env::new();
+    let ops = env.receiver(LOKI_ID).await;
+    let team = env.receiver(TEAM_ID).await;
+    let one = only_ops(&env, &ops.url());
+    let both = two_sinks(&env, &ops.url(), &team.url());
+    // Changed: "app" goes to "ops" only, and "ops" pushes as tenant t-ops.
+    let app_to_ops = both
+        .replace(
+            r#"labels = { job = "app" }"#,
+            "labels = { job = \"app\" }\nsinks = [\"ops\"]",
+        )
+        .replace("name = \"ops\"\n", "name = \"ops\"\ntenant = \"t-ops\"\n");
+    assert!(app_to_ops.contains("sinks = [\"ops\"]") && app_to_ops.contains("t-ops"));
+    let mut zt = Ztail::start(&env, &one);
+    zt.wait_up().await;
+    let Load {
+        a,
+        stop,
+        written,
+        w,
+    } = load(&env);
+    assert!(ops.wait_for(|e| e.len() >= 200, WAIT).await);
+
+    // Added: "team" and the source only it gets.
+    zt.write_config(&both);
+    let (code, body) = zt.post("/-/reload").await;
+    assert_eq!(code, 200, "{body}");
+    let added = written.load(Ordering::SeqCst);
+    assert!(
+        team.wait_for(
+            |e| e.iter().filter(|e| e.line.starts_with("a ")).count() >= added
+                && e.iter().filter(|e| e.line.starts_with("b ")).count() >= 300,
+            WAIT
+        )
+        .await,
+        "the added sink did not catch up; log:\n{}",
+        zt.log()
+    );
+
+    // Invalid in between: a source names a sink that does not exist. Refused; shipping goes on.
+    zt.write_config(&both.replace("sinks = [\"team\"]", "sinks = [\"tema\"]"));
+    let (code, body) = zt.post("/-/reload").await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("sources[1].sinks[0]"), "{body}");
+    let line = format!("a {:08}", written.load(Ordering::SeqCst) + 40);
+    for rx in [&ops, &team] {
+        assert!(
+            rx.wait_for(|e| e.iter().any(|e| e.line == line), WAIT)
+                .await,
+            "shipping stopped after a refused reload; log:\n{}",
+            zt.log()
+        );
+    }
+
+    // Changed: from here on "team" gets no more of "app", and "ops" gets it as t-ops.
+    zt.write_config(&app_to_ops);
+    let (code, body) = zt.post("/-/reload").await;
+    assert_eq!(code, 200, "{body}");
+    // The writer stores its count after appending: 20 more may be in the file already.
+    let changed = written.load(Ordering::SeqCst) + 20;
+    append_lines(&env.path("other/b.log"), "b", 300..400);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let total = written.load(Ordering::SeqCst);
+    assert_once(&ops, total, || zt.log()).await;
+    assert_every_line(&lines(&ops, "a "), &expected("a", 0..total));
+    for e in ops.entries() {
+        let n: usize = e.line[2..].parse().unwrap();
+        assert!(
+            n < changed || e.tenant.as_deref() == Some("t-ops"),
+            "{} went to ops as {:?} after the change",
+            e.line,
+            e.tenant
+        );
+    }
+    // "team": "app" from the start up to where the change was applied, once; "other" whole.
+    assert_once(&team, 400 + team_a(&team), || zt.log()).await;
+    let kept = team_a(&team);
+    assert!(
+        (added..=changed).contains(&kept),
+        "team has {kept} lines of app; added at {added}, changed at {changed}"
+    );
+    assert_every_line(&lines(&team, "a "), &expected("a", 0..kept));
+    assert_every_line(&lines(&team, "b "), &expected("b", 0..400));
+
+    // Back to both, SIGKILL right after: each sink resumes from its own positions; "team" reads
+    // "app" again from where it stopped.
+    zt.write_config(&both);
+    zt.hup();
+    zt.wait_metric("ztail_config_reloads_total{result=\"ok\"}", |v| v == 3.0)
+        .await;
+    zt.kill();
+    append_lines(&a, "a", total..total + 1000);
+    zt.restart();
+    for (rx, n) in [(&ops, total + 1000), (&team, total + 1400)] {
+        assert!(
+            rx.wait_for_distinct_lines(n, WAIT).await,
+            "lines lost across a kill after a reload; log:\n{}",
+            zt.log()
+        );
+    }
+    assert_every_line(&lines(&ops, "a "), &expected("a", 0..total + 1000));
+    assert!(
+        lines(&ops, "b ").is_empty(),
+        "ops got a source it is not for"
+    );
+    assert_every_line(&lines(&team, "a "), &expected("a", 0..total + 1000));
+    assert_every_line(&lines(&team, "b "), &expected("b", 0..400));
+}
+
+/// How many lines of "app" (`a …`) `rx` has.
+fn team_a(rx: &crate::Receiver) -> usize {
+    lines(rx, "a ").len()
 }
