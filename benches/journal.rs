@@ -20,9 +20,8 @@ mod common;
 #[allow(dead_code)]
 mod support;
 
-use std::io::{BufRead, Write};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::receiver::{cert_args, digest, run_if_asked, spawn};
@@ -181,18 +180,7 @@ fn drive(case: &str, journald: &Journald, n: usize, sum: u64) -> Run {
         port,
         out,
     } = spawn(&cert_args(&env), false, 0);
-    let count = Arc::new(AtomicU64::new(0));
-    let got_sum = Arc::new(AtomicU64::new(0));
-    let (c, s) = (count.clone(), got_sum.clone());
-    std::thread::spawn(move || {
-        for l in out.lines().map_while(Result::ok) {
-            if let Some(rest) = l.strip_prefix("COUNT ") {
-                let mut it = rest.split_whitespace();
-                c.store(it.next().unwrap().parse().unwrap(), Ordering::SeqCst);
-                s.store(it.nth(1).unwrap().parse().unwrap(), Ordering::SeqCst);
-            }
-        }
-    });
+    let (count, got_sum) = common::receiver::counts(out);
     let url = format!("https://127.0.0.1:{port}");
     let config = common::config(&env, &url, "max_in_flight = 4", &source, &[]);
     let started = Instant::now();

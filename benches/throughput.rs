@@ -5,16 +5,22 @@
 //! The baseline, measured in the same run, is the inherent floor: snappy-compressing the corpus
 //! in 1 MiB blocks in one thread.
 //!
-//!   cargo bench --bench throughput -- [MB] [mixed|short|many|cri|cri-vs-raw][-100ms]
-//!   cargo bench --bench throughput -- [SECONDS] latency|latency-100ms
+//!   cargo bench --bench throughput -- [MB] [mixed|short|many|cri|cri-vs-raw|sinks][-100ms]
+//!   cargo bench --bench throughput -- [SECONDS] latency|latency-100ms|latency-sinks
 //!
 //! `latency` writes 20,000 lines/s for SECONDS, each carrying its write time, and prints the
 //! p50/p99/max from write to receipt with the default 1 s batch wait (`latency-100ms`: 100 ms).
+//! `latency-sinks` (SECONDS default 90) runs it three times: one sink; two sinks with the
+//! second one's Loki down for the first 60 s; two with it answering each request after 1 s.
+//! It prints the first sink's p99 against the one-sink run, and checks that the second sink
+//! got every line once and how long it took to catch up.
 //!
 //! `cri` writes the mixed corpus as Kubernetes CRI records (`<time> stdout F <line>`) and ships
 //! it with `format = "cri"`; `cri-vs-raw` runs `mixed` and `cri` back to back and prints the
 //! ratio of their CPU per GiB. A `-100ms` suffix (`mixed-100ms`) ships with a 100 ms batch wait
-//! instead of the default 1 s.
+//! instead of the default 1 s. A `-2sinks` suffix (`mixed-2sinks`) ships every line to two
+//! sinks, each with its own receiver; `sinks` alternates `mixed` and `mixed-2sinks` twice and
+//! prints the CPU per GiB of each and per sink.
 //!
 //! `stages-<name>` ships the mixed corpus through a pipeline of processing stages: `all` (the
 //! realistic one: drop lines by regex, parse the JSON lines and make `level` a label, every
@@ -64,14 +70,32 @@ fn main() {
         .build()
         .unwrap();
     if let Some(wait) = case.strip_prefix("latency") {
-        // `latency` (1 s batch wait) or `latency-100ms`.
+        // `latency` (1 s batch wait), `latency-100ms` or `latency-sinks`.
         let wait = wait.strip_prefix('-').unwrap_or("1s");
         let secs = if cfg!(debug_assertions) {
             2
         } else {
             number.unwrap_or(20) as u64
         };
-        rt.block_on(latency(secs, 20_000, wait));
+        match wait {
+            // One sink, then two with the second down for a while, then two with it slow: the
+            // first sink's p99 against the one-sink run.
+            "sinks" => {
+                let (secs, down) = match cfg!(debug_assertions) {
+                    true => (3, 1),
+                    false => (number.unwrap_or(90) as u64, 60),
+                };
+                let one = rt.block_on(latency(secs, 20_000, "1s", Second::None));
+                let down = rt.block_on(latency(secs, 20_000, "1s", Second::Down(down)));
+                let slow = rt.block_on(latency(secs, 20_000, "1s", Second::Slow(1000)));
+                println!("sink a's p99 against one sink: {one:.1} ms");
+                println!("  sink b down        {down:>8.1} ms  {:>5.2}x", down / one);
+                println!("  sink b slow        {slow:>8.1} ms  {:>5.2}x", slow / one);
+            }
+            wait => {
+                rt.block_on(latency(secs, 20_000, wait, Second::None));
+            }
+        }
     } else if case == "stages" || case == "stages-pairs" {
         let cases: Vec<&str> = if case == "stages" {
             vec![
@@ -119,6 +143,20 @@ fn main() {
             if c == "mixed" {
                 base = Some(run);
             }
+        }
+    } else if case == "sinks" {
+        // The cost of a second sink: CPU per GiB of input, one sink against two, twice over.
+        println!("CPU per GiB of input, two sinks against the one-sink run before it:");
+        for _ in 0..2 {
+            let one = rt.block_on(drive(mb, "mixed"));
+            let two = rt.block_on(drive(mb, "mixed-2sinks"));
+            println!(
+                "  one sink {:>6.2} s per GiB; two sinks {:>6.2} s per GiB = {:.2}x, {:.2} s per GiB per sink",
+                one.per_file_gib(),
+                two.per_file_gib(),
+                two.per_file_gib() / one.per_file_gib(),
+                two.per_file_gib() / 2.0
+            );
         }
     } else if case == "cri-vs-raw" {
         let raw = rt.block_on(drive(mb, "mixed"));
@@ -274,6 +312,10 @@ async fn drive(mb: usize, case: &str) -> Run {
         Some(case) => (case, "none"),
         None => (case, "snappy"),
     };
+    let (case, sinks) = match case.strip_suffix("-2sinks") {
+        Some(case) => (case, 2),
+        None => (case, 1),
+    };
     let env = Env::new();
     let logs = env.path("logs");
     let corpus = write_corpus(&logs, mb, case);
@@ -313,6 +355,13 @@ async fn drive(mb: usize, case: &str) -> Run {
         }
     });
 
+    // `-2sinks`: a second sink, with its own receiver, gets every line too.
+    let second = (sinks == 2).then(|| {
+        let rx = spawn(&cert_args(&env), false, 0);
+        let (count, sum) = common::receiver::counts(rx.out);
+        (rx.child, rx.port, count, sum)
+    });
+
     let pipeline = stages(case);
     let source = if case == "cri" {
         "format = \"cri\""
@@ -321,18 +370,33 @@ async fn drive(mb: usize, case: &str) -> Run {
     };
     let url = format!("https://127.0.0.1:{port}");
     let wait = format!("batch_wait = \"{batch_wait}\"");
-    let config = common::config(
+    let limits = format!("max_in_flight = 4\ncompression = \"{compression}\"");
+    let mut config = common::config(
         &env,
         &url,
-        &format!("max_in_flight = 4\ncompression = \"{compression}\""),
+        &limits,
         source,
         &[("batch_wait = \"1s\"", &wait)],
     );
+    if let Some((_, port_b, ..)) = &second {
+        config = config
+            .replace("[sink]\n", "[[sinks]]\nname = \"a\"\n")
+            .replace("[sink.peer]", "[sinks.peer]")
+            + &format!(
+                "[[sinks]]\nname = \"b\"\nurl = \"https://127.0.0.1:{port_b}/loki/api/v1/push\"\n{wait}\n{limits}\n[sinks.peer]\nallowed_ids = [\"{}\"]\n",
+                support::ztail::LOKI_ID
+            );
+    }
     let rx_cpu0 = cpu_seconds(rx_pid);
     let started = Instant::now();
     let zt = Ztail::start(&env, &config);
     let deadline = started + Duration::from_secs(600);
-    while count.load(Ordering::SeqCst) < corpus.lines {
+    let done_b = || {
+        second
+            .as_ref()
+            .is_none_or(|(_, _, c, _)| c.load(Ordering::SeqCst) >= corpus.lines)
+    };
+    while count.load(Ordering::SeqCst) < corpus.lines || !done_b() {
         assert!(
             Instant::now() < deadline,
             "only {} of {} lines arrived; log:\n{}",
@@ -353,6 +417,12 @@ async fn drive(mb: usize, case: &str) -> Run {
     let zt_idle_anon = status_mib(zt.pid(), "RssAnon:");
     let exact =
         count.load(Ordering::SeqCst) == corpus.lines && sum.load(Ordering::SeqCst) == corpus.digest;
+    let exact = exact
+        && second.into_iter().all(|(mut child, _, c, s)| {
+            let _ = child.kill();
+            let _ = child.wait();
+            c.load(Ordering::SeqCst) == corpus.lines && s.load(Ordering::SeqCst) == corpus.digest
+        });
     let _ = rx.kill();
     let _ = rx.wait();
     let marks = *marks.lock().unwrap();
@@ -365,7 +435,7 @@ async fn drive(mb: usize, case: &str) -> Run {
     let gib = corpus.bytes as f64 / (1u64 << 30) as f64;
     let mbs = corpus.bytes as f64 / 1e6;
     println!(
-        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {} ztail, protobuf with compression {compression} over mTLS, loopback, batch_wait {batch_wait}",
+        "throughput, case {case}: {} lines, {:.1} MB, {} file(s), {} ztail, protobuf with compression {compression} over mTLS to {sinks} sink(s), loopback, batch_wait {batch_wait}",
         corpus.lines,
         mbs,
         if case == "many" { 1000 } else { 1 },
@@ -429,20 +499,29 @@ async fn drive(mb: usize, case: &str) -> Run {
     }
 }
 
-/// The latency mode: a fixed write rate, every line ending in `<seq>:<write time in ns>`,
-/// measured when the receiver's decode of it reaches this process; every seq must arrive once.
-async fn latency(secs: u64, rate: u64, batch_wait: &str) {
-    let env = Env::new();
-    let common::receiver::Rx {
-        child: mut rx,
-        port,
-        out,
-    } = spawn(&cert_args(&env), true, 0);
-    let received = Arc::new(std::sync::Mutex::new((
-        Vec::<u64>::new(),
-        Vec::<u64>::new(),
-    )));
-    let sink = received.clone();
+/// What the latency mode's second sink does, if there is one.
+#[derive(Clone, Copy, Debug)]
+enum Second {
+    /// One sink only.
+    None,
+    /// A second sink whose Loki is down for the first this many seconds.
+    Down(u64),
+    /// A second sink whose Loki waits this many milliseconds before each answer.
+    Slow(u64),
+}
+
+/// Lines received by one receiver: (seq, latency in ns) of each, filled by a thread.
+type Seqs = Arc<std::sync::Mutex<(Vec<u64>, Vec<u64>)>>;
+
+/// Reads a receiver's `SEQ` lines into a [`Seqs`], timing each line on arrival.
+fn collect(out: std::io::BufReader<std::process::ChildStdout>) -> Seqs {
+    let received: Seqs = Arc::default();
+    collect_into(out, received.clone());
+    received
+}
+
+/// [`collect`] into `sink`.
+fn collect_into(out: std::io::BufReader<std::process::ChildStdout>, sink: Seqs) {
     std::thread::spawn(move || {
         for l in out.lines().map_while(Result::ok) {
             if let Some(words) = last_words(&l) {
@@ -456,9 +535,66 @@ async fn latency(secs: u64, rate: u64, batch_wait: &str) {
             }
         }
     });
+}
+
+/// Sorted latencies of `received` in ms at p50, p99 and the max, after checking that every
+/// seq below `written` arrived exactly once.
+fn percentiles(received: &Seqs, written: usize, who: &str) -> [f64; 3] {
+    let (mut seqs, mut v) = received.lock().unwrap().clone();
+    seqs.sort_unstable();
+    assert!(
+        seqs.iter().copied().eq(0..written as u64),
+        "{who}: every line exactly once: {} received for {written} written",
+        seqs.len()
+    );
+    v.sort_unstable();
+    // Nearest rank.
+    let pct = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1e6;
+    [pct(0.50), pct(0.99), pct(1.0)]
+}
+
+/// The latency mode: a fixed write rate, every line ending in `<seq>:<write time in ns>`,
+/// measured when the receiver's decode of it reaches this process; every seq must arrive once
+/// (at every sink). Returns the first sink's p99 in ms.
+async fn latency(secs: u64, rate: u64, batch_wait: &str, second: Second) -> f64 {
+    let env = Env::new();
+    let certs = cert_args(&env);
+    let common::receiver::Rx {
+        child: mut rx,
+        port,
+        out,
+    } = spawn(&certs, true, 0);
+    let received = collect(out);
     let url = format!("https://127.0.0.1:{port}");
     let wait = format!("batch_wait = \"{batch_wait}\"");
-    let config = common::config(&env, &url, "", "", &[("batch_wait = \"1s\"", &wait)]);
+    let mut config = common::config(&env, &url, "", "", &[("batch_wait = \"1s\"", &wait)]);
+    // The second sink's receiver: started at once (slow) or after its outage (down).
+    // Its lines are read as they come, so that a full pipe never slows it.
+    let port_b = support::ztail::free_port();
+    let received_b: Seqs = Arc::default();
+    let start_b = |delay: u64, ms: u64| {
+        let (certs, seqs) = (certs.clone(), received_b.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(delay));
+            let rx = common::receiver::spawn_slow(&certs, true, port_b, ms);
+            collect_into(rx.out, seqs);
+            rx.child
+        })
+    };
+    let b = match second {
+        Second::None => None,
+        Second::Down(down) => Some(start_b(down, 0)),
+        Second::Slow(ms) => Some(start_b(0, ms)),
+    };
+    if b.is_some() {
+        config = config
+            .replace("[sink]\n", "[[sinks]]\nname = \"a\"\n")
+            .replace("[sink.peer]", "[sinks.peer]")
+            + &format!(
+                "[[sinks]]\nname = \"b\"\nurl = \"https://127.0.0.1:{port_b}/loki/api/v1/push\"\n{wait}\nmin_backoff = \"50ms\"\nmax_backoff = \"1s\"\n[sinks.peer]\nallowed_ids = [\"{}\"]\n",
+                support::ztail::LOKI_ID
+            );
+    }
     // The file exists before ztail starts: the figures do not include its discovery.
     let log = env.path("logs/app.log");
     std::fs::File::create(&log).unwrap();
@@ -491,27 +627,39 @@ async fn latency(secs: u64, rate: u64, batch_wait: &str) {
     while received.lock().unwrap().0.len() < written && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let b = b.map(|t| (t.join().unwrap(), received_b));
+    let caught_up = Instant::now();
+    if let Some((_, rb)) = &b {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while rb.lock().unwrap().0.len() < written && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let caught_up = caught_up.elapsed();
     std::thread::sleep(Duration::from_millis(300));
     let peak = status_mib(zt.pid(), "VmHWM:");
+    let cpu = cpu_seconds(zt.pid());
     let _ = rx.kill();
     let _ = rx.wait();
-    let (mut seqs, mut v) = received.lock().unwrap().clone();
-    seqs.sort_unstable();
-    assert!(
-        seqs.iter().copied().eq(0..written as u64),
-        "every line exactly once: {} received for {written} written",
-        seqs.len()
-    );
-    v.sort_unstable();
-    // Nearest rank.
-    let pct = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1e6;
+    let [p50, p99, max] = percentiles(&received, written, "sink a");
     println!(
-        "latency: {written} lines at {rate}/s for {secs} s, batch_wait {batch_wait}, {} ztail, mTLS, loopback",
+        "latency: {written} lines at {rate}/s for {secs} s, batch_wait {batch_wait}, {} ztail, mTLS, loopback, second sink: {second:?}",
         profile()
     );
-    println!("  received            {:>10}", v.len());
-    println!("  p50                 {:>10.1} ms", pct(0.50));
-    println!("  p99                 {:>10.1} ms", pct(0.99));
-    println!("  max                 {:>10.1} ms", pct(1.0));
+    println!("  received            {:>10}", written);
+    println!("  p50                 {p50:>10.1} ms");
+    println!("  p99                 {p99:>10.1} ms");
+    println!("  max                 {max:>10.1} ms");
     println!("  ztail peak RSS      {:>10.1} MiB", peak);
+    println!("  ztail CPU           {:>10.2} s", cpu);
+    if let Some((mut child, rb)) = b {
+        let _ = child.kill();
+        let _ = child.wait();
+        let [b50, b99, bmax] = percentiles(&rb, written, "sink b");
+        println!(
+            "  sink b: every line once; caught up {:.1} s after sink a; p50 {b50:.1} ms, p99 {b99:.1} ms, max {bmax:.1} ms",
+            caught_up.as_secs_f64()
+        );
+    }
+    p99
 }

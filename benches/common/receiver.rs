@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::support::receiver::proto::PushRequest;
 use crate::support::ztail::{Env, LOKI_ID};
@@ -32,6 +33,11 @@ pub fn cert_args(env: &Env) -> Vec<String> {
 /// Starts the receiver on `port` (0: any); `seqs` adds the `SEQ` lines. Returns once it
 /// listens; panics if it could not take the port asked for.
 pub fn spawn(certs: &[String], seqs: bool, port: u16) -> Rx {
+    spawn_slow(certs, seqs, port, 0)
+}
+
+/// [`spawn`], with a receiver that waits `delay_ms` before it answers each request.
+pub fn spawn_slow(certs: &[String], seqs: bool, port: u16, delay_ms: u64) -> Rx {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .arg(if seqs {
             "--receiver-seqs"
@@ -40,6 +46,7 @@ pub fn spawn(certs: &[String], seqs: bool, port: u16) -> Rx {
         })
         .args(certs)
         .arg(port.to_string())
+        .arg(delay_ms.to_string())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -130,6 +137,8 @@ fn receiver(args: &[String], seqs: bool) {
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let port: u16 = args.get(3).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let delay =
+            std::time::Duration::from_millis(args.get(4).and_then(|p| p.parse().ok()).unwrap_or(0));
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
@@ -183,6 +192,7 @@ fn receiver(args: &[String], seqs: bool) {
                                 t.1 = t.1.wrapping_add(s);
                                 println!("COUNT {} DIGEST {}", t.0, t.1);
                             }
+                            tokio::time::sleep(delay).await;
                             let mut resp = hyper::Response::new(Full::new(Bytes::new()));
                             *resp.status_mut() = hyper::StatusCode::NO_CONTENT;
                             Ok::<_, std::convert::Infallible>(resp)
@@ -195,4 +205,20 @@ fn receiver(args: &[String], seqs: bool) {
             });
         }
     });
+}
+
+/// Follows a receiver's `COUNT` lines (one per request): the lines so far and their digest sum.
+pub fn counts(out: BufReader<ChildStdout>) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+    let (count, sum) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (c, s) = (count.clone(), sum.clone());
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            if let Some(rest) = l.strip_prefix("COUNT ") {
+                let mut it = rest.split_whitespace();
+                c.store(it.next().unwrap().parse().unwrap(), Ordering::SeqCst);
+                s.store(it.nth(1).unwrap().parse().unwrap(), Ordering::SeqCst);
+            }
+        }
+    });
+    (count, sum)
 }
