@@ -459,12 +459,13 @@ impl Plane {
         let until = tokio::time::Instant::now() + self.shutdown_timeout;
         loop {
             // Pending: moved away, and either its task has not reached its end since (it marks
-            // the file rotated there, with its size), or not all of it is acknowledged.
+            // the file rotated there, with its size), or not all of it is acknowledged. A file
+            // given up (`tail.max_rotated_hold`) is not waited for.
             let pending = self
                 .lanes
                 .iter()
                 .flat_map(|l| l.tailer.files())
-                .filter(|f| f.moved_away())
+                .filter(|f| !f.abandoned() && f.moved_away())
                 .map(|f| f.status())
                 .filter(|f| f.state == tail::FileState::Active || f.committed_offset < f.size)
                 .count();

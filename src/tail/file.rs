@@ -340,9 +340,31 @@ pub(super) async fn run(file: Arc<TrackedFile>, mut reader: FileReader, mut ctx:
         // Shutting down: the file stays tracked so that the final checkpoint records it.
         return;
     }
+    if file.abandoned() {
+        given_up(&file, &ctx, reader.as_ref());
+    }
     file.set_state(FileState::Closed);
     ctx.tailer.release_path(&file);
     tracing::debug!(path = %file.path().display(), "closed");
+}
+
+/// Logs and counts a file given up after `tail.max_rotated_hold`: at most what its sink has
+/// not acknowledged of it, up to its size now (chunks already queued may still arrive).
+fn given_up(file: &TrackedFile, ctx: &Context, reader: Option<&FileReader>) {
+    let size = reader
+        .and_then(|r| r.file().metadata().ok())
+        .map_or(0, |m| m.len());
+    file.size.fetch_max(size, Ordering::Relaxed);
+    let lost = file.lag();
+    let sink = &ctx.tailer.lane.sink;
+    tracing::error!(
+        path = %file.path().display(),
+        sink = %sink,
+        lost_bytes = lost,
+        held = ?ctx.tailer.cfg.max_rotated_hold,
+        "a rotated or deleted file was still not acknowledged by this sink after tail.max_rotated_hold; closed it: up to lost_bytes of it are lost for this sink"
+    );
+    ctx.tailer.metrics.sink_lost(sink).inc_by(lost);
 }
 
 /// Hands entries to the pipeline; false once the pipeline is gone. `last_end` is the position

@@ -101,6 +101,11 @@ impl TrackedFile {
         std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino))
     }
 
+    /// Whether it was given up (`tail.max_rotated_hold`) before its sink had it all.
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
     /// Whether the file is no longer at its path: renamed or deleted away.
     pub fn moved_away(&self) -> bool {
         self.deleted.load(Ordering::Relaxed) || !self.is_at(&self.path())
@@ -452,28 +457,23 @@ impl Tailer {
         }
     }
 
-    /// Gives up a file renamed or deleted away that this tailer's sink has still not read to
-    /// its end after `max`: its descriptor is closed (a deleted file's disk space is freed)
-    /// and what the sink has not acknowledged of it is counted and logged as lost.
+    /// Gives up a file renamed or deleted away that this tailer's sink has still not
+    /// acknowledged to its end after `max`: its task closes it (a deleted file's disk space is
+    /// freed) and counts what the sink may have lost of it. A file that comes back to its path
+    /// starts the clock again when it next leaves.
     fn hold_bound(&self, f: &TrackedFile, max: std::time::Duration) {
-        if f.abandoned.load(Ordering::Relaxed) || !f.moved_away() {
+        if f.abandoned.load(Ordering::Relaxed) {
+            return;
+        }
+        if !f.moved_away() {
+            *lock(&f.away_since) = None;
             return;
         }
         let since = *lock(&f.away_since).get_or_insert_with(std::time::Instant::now);
-        let size = f.size.load(Ordering::Relaxed);
-        if since.elapsed() < max || f.read_offset.load(Ordering::Relaxed) >= size {
+        if since.elapsed() < max || f.lag() == 0 {
             return;
         }
         f.abandoned.store(true, Ordering::Relaxed);
-        let lost = f.lag();
-        self.metrics.sink_lost(&self.lane.sink).inc_by(lost);
-        tracing::error!(
-            path = %f.path().display(),
-            sink = %self.lane.sink,
-            lost_bytes = lost,
-            held = ?max,
-            "a rotated or deleted file was still unread by this sink after tail.max_rotated_hold; closed it, and its unacknowledged bytes are lost for this sink"
-        );
         f.stop.cancel();
     }
 

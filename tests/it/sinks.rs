@@ -264,16 +264,26 @@ async fn a_deleted_file_a_down_sink_never_read_is_given_up_after_the_hold_bound(
         );
     let zt = Ztail::start(&env, &config);
     zt.wait_up().await;
-    // More than "team" can hold in memory while it is down (its batches, its queue), then deleted.
+    // More than "team" can hold in memory while it is down (its batches, its queue), and more
+    // after its task is blocked behind them; then deleted.
     let a = env.path("logs/a.log");
     append_lines(&a, "a", 0..400_000);
     assert_once(&ops, 400_000, || zt.log()).await;
+    append_lines(&a, "a", 400_000..401_000);
+    assert_once(&ops, 401_000, || zt.log()).await;
+    let size = std::fs::metadata(&a).unwrap().len();
     std::fs::remove_file(&a).unwrap();
+    // "team" acknowledged none of it: all of it is counted, up to the last line written.
     zt.wait_metric("ztail_sink_lost_bytes_total{sink=\"team\"}", |v| v > 0.0)
         .await;
+    assert_eq!(
+        zt.metric("ztail_sink_lost_bytes_total{sink=\"team\"}")
+            .await,
+        size as f64
+    );
     assert!(
         zt.log()
-            .contains("still unread by this sink after tail.max_rotated_hold"),
+            .contains("still not acknowledged by this sink after tail.max_rotated_hold"),
         "{}",
         zt.log()
     );
@@ -281,6 +291,26 @@ async fn a_deleted_file_a_down_sink_never_read_is_given_up_after_the_hold_bound(
         zt.metric("ztail_sink_lost_bytes_total{sink=\"ops\"}").await,
         0.0,
         "ops had read it all"
+    );
+    // Closed by both sinks: the deleted file's disk space is free.
+    let pid = zt.pid();
+    let until = Instant::now() + WAIT;
+    while open_deleted(pid, "a.log") {
+        assert!(
+            Instant::now() < until,
+            "a.log is still open; log:\n{}",
+            zt.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A reload does not wait for a file given up.
+    let (code, body) = zt.post("/-/reload").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        !zt.log()
+            .contains("before every rotated or deleted file was drained"),
+        "{}",
+        zt.log()
     );
     // "team" is back: what it had queued may arrive, the rest is gone; new lines flow again.
     team.restart().await;
@@ -295,6 +325,15 @@ async fn a_deleted_file_a_down_sink_never_read_is_given_up_after_the_hold_bound(
         zt.log()
     );
     assert!(lines(&team, "a ").len() < 100_000, "nothing was given up");
+}
+
+/// Whether process `pid` holds a deleted file named `name` open.
+fn open_deleted(pid: u32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .any(|t| t.to_string_lossy().ends_with(&format!("{name} (deleted)")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
