@@ -306,6 +306,21 @@ async fn a_garbage_checkpoint_file_costs_duplicates_never_lines() {
 /// `start_at = "end"`, a restart that found no checkpoint file took itself for the first start
 /// and skipped what was written while it was down. The directory is recreated (locked, 0700)
 /// with the positions held in memory, so a restart, also after a SIGKILL, resumes.
+/// Deletes a directory that ztail may be writing a checkpoint into meanwhile (then `rmdir`
+/// finds it not empty): tried again until it is gone, as an operator would.
+fn remove_dir(dir: &std::path::Path) {
+    for _ in 0..50 {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("remove {}: {e}", dir.display()),
+        }
+    }
+    panic!("{} kept being written into", dir.display());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_directory_deleted_while_running_is_recreated_and_a_restart_resumes() {
     let env = Env::new();
@@ -320,7 +335,7 @@ async fn a_state_directory_deleted_while_running_is_recreated_and_a_restart_resu
     append_lines(&log, "d", 0..100);
     assert!(rx.wait_for(|e| e.len() >= 100, WAIT).await);
     let state = env.path("state");
-    fs::remove_dir_all(&state).unwrap();
+    remove_dir(&state);
     append_lines(&log, "d", 100..200);
     assert!(rx.wait_for(|e| e.len() >= 200, WAIT).await);
     zt.wait_log("the state directory disappeared").await;
@@ -338,7 +353,7 @@ async fn a_state_directory_deleted_while_running_is_recreated_and_a_restart_resu
     );
 
     // Deleted again, then a graceful stop: the final checkpoint recreates it.
-    fs::remove_dir_all(&state).unwrap();
+    remove_dir(&state);
     zt.terminate(Duration::from_secs(10));
     append_lines(&log, "d", 200..300);
     zt.restart();
@@ -349,7 +364,7 @@ async fn a_state_directory_deleted_while_running_is_recreated_and_a_restart_resu
     );
 
     // And a crash after the recreation.
-    fs::remove_dir_all(&state).unwrap();
+    remove_dir(&state);
     append_lines(&log, "d", 300..400);
     assert!(rx.wait_for(|e| e.len() >= 400, WAIT).await);
     let started = Instant::now();
