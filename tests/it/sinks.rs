@@ -447,6 +447,16 @@ async fn reloads_change_sinks_and_routes_under_load_and_a_kill_after_one_loses_n
     );
     assert_every_line(&lines(&team, "a "), &expected("a", 0..total + 1000));
     assert_every_line(&lines(&team, "b "), &expected("b", 0..400));
+    // "team" kept its position in "app" while it did not get it: what it had, it got once.
+    let before = expected("a", 0..kept);
+    let again = lines(&team, "a ")
+        .into_iter()
+        .filter(|l| before.binary_search(l).is_ok())
+        .count();
+    assert_eq!(
+        again, kept,
+        "team read app again from before where it had stopped"
+    );
 }
 
 /// How many lines of "app" (`a …`) `rx` has.
