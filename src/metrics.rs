@@ -501,9 +501,7 @@ impl Metrics {
 
     /// The gauge of the bytes sink `sink` has not acknowledged yet.
     pub fn sink_lag(&self, sink: &str) -> Gauge {
-        self.sink_lag_bytes
-            .get_or_create(&SinkLabel { sink: sink.into() })
-            .clone()
+        of_sink(&self.sink_lag_bytes, sink)
     }
 
     /// Removes the sinks' gauges before a plane's sinks are made, so that a sink removed by a
@@ -515,23 +513,17 @@ impl Metrics {
 
     /// The counter of bytes sink `sink` gave up with rotated files.
     pub fn sink_lost(&self, sink: &str) -> Counter {
-        self.sink_lost_bytes
-            .get_or_create(&SinkLabel { sink: sink.into() })
-            .clone()
+        of_sink(&self.sink_lost_bytes, sink)
     }
 
     /// The counter of entries sink `sink` delivered.
     pub fn sink_sent(&self, sink: &str) -> Counter {
-        self.sink_entries_sent
-            .get_or_create(&SinkLabel { sink: sink.into() })
-            .clone()
+        of_sink(&self.sink_entries_sent, sink)
     }
 
     /// The gauge that is 1 while sink `sink` is failing.
     pub fn sink_failing(&self, sink: &str) -> Gauge {
-        self.sink_failing
-            .get_or_create(&SinkLabel { sink: sink.into() })
-            .clone()
+        of_sink(&self.sink_failing, sink)
     }
 
     /// Entries that will never reach Loki, by reason.
@@ -565,4 +557,11 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The metric of sink `sink` in `family` (a handle to it: counters and gauges share their value).
+fn of_sink<M: Clone + Default>(family: &Family<SinkLabel, M>, sink: &str) -> M {
+    family
+        .get_or_create(&SinkLabel { sink: sink.into() })
+        .clone()
 }

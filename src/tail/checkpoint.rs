@@ -122,8 +122,8 @@ impl StateDir {
         };
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let ours =
-                name == FILE_NAME || (name.starts_with("checkpoints.") && name.ends_with(".jsonl"));
+            // `checkpoints.jsonl` (the `default` sink's) or `checkpoints.<sink>.jsonl`.
+            let ours = name.starts_with("checkpoints.") && name.ends_with(".jsonl");
             if ours && !keep.contains(&name) {
                 match fs::remove_file(e.path()) {
                     Ok(()) => {

@@ -186,6 +186,7 @@ pub struct Lane {
     pub file_gauges: bool,
 }
 
+#[cfg(test)]
 impl Default for Lane {
     fn default() -> Self {
         Lane {
