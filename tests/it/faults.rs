@@ -302,10 +302,6 @@ async fn a_garbage_checkpoint_file_costs_duplicates_never_lines() {
     println!("row garbage-checkpoint: {duplicates} duplicates over two damaged restarts, 0 lost");
 }
 
-/// A cleanup job or a wrong `rm` takes the state directory while ztail runs. With the default
-/// `start_at = "end"`, a restart that found no checkpoint file took itself for the first start
-/// and skipped what was written while it was down. The directory is recreated (locked, 0700)
-/// with the positions held in memory, so a restart, also after a SIGKILL, resumes.
 /// Deletes a directory that ztail may be writing a checkpoint into meanwhile (then `rmdir`
 /// finds it not empty): tried again until it is gone, as an operator would.
 fn remove_dir(dir: &std::path::Path) {
@@ -321,6 +317,10 @@ fn remove_dir(dir: &std::path::Path) {
     panic!("{} kept being written into", dir.display());
 }
 
+/// A cleanup job or a wrong `rm` takes the state directory while ztail runs. With the default
+/// `start_at = "end"`, a restart that found no checkpoint file took itself for the first start
+/// and skipped what was written while it was down. The directory is recreated (locked, 0700)
+/// with the positions held in memory, so a restart, also after a SIGKILL, resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_directory_deleted_while_running_is_recreated_and_a_restart_resumes() {
     let env = Env::new();
