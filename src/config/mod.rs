@@ -89,7 +89,7 @@ pub struct AdminConfig {
 
 impl Config {
     /// The first sink: its peer policy is the one the identity is checked against, and its
-    /// `allow_tls12` and `shutdown_timeout` apply to the whole process.
+    /// `allow_tls12` (the same on every sink) applies to the whole process.
     pub fn sink(&self) -> &SinkConfig {
         &self.sinks[0]
     }
